@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine: Debian's Fashion-MNIST, a virtual environment from
+# requirements.txt, and the prepared TFDS dataset. Every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+if [ ! -f "$FMNIST" ]; then
+  echo "[setup] installing Debian's dataset-fashion-mnist"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.requirements.sha256
+WANT=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing requirements.txt into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements.txt
+  echo "$WANT" > "$STAMP"
+fi
+
+# Prepares the project's TFDS builder for Debian's IDX files (no-op when already prepared).
+.venv/bin/python -m taylor_jax.data.prepare

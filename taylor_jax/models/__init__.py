@@ -1,0 +1,54 @@
+"""The model zoo, by name. Every model is built from a ``widths`` dict (group -> units), so a
+pruned model is the same class with smaller widths; see :mod:`taylor_jax.models.common`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+from taylor_jax.models.cifar_resnet import CifarResNet
+from taylor_jax.models.lenet import LeNet3
+
+# name -> (class, fixed constructor kwargs). Widths come from ``cls.full_widths(**kwargs)``
+# (only the kwargs full_widths accepts are passed to it).
+_ZOO: dict[str, tuple[Any, dict[str, Any]]] = {
+    'lenet3': (LeNet3, {}),
+    'resnet8': (CifarResNet, {'blocks_per_stage': 1}),
+    'resnet20': (CifarResNet, {'blocks_per_stage': 3}),
+    'resnet56': (CifarResNet, {'blocks_per_stage': 9}),
+}
+
+
+def register(name: str, cls: Any, **kwargs: Any) -> None:
+  """Adds a model class to the zoo (it must follow the protocol in models/common.py)."""
+  _ZOO[name] = (cls, kwargs)
+
+
+def names() -> list[str]:
+  return sorted(_ZOO)
+
+
+def _lookup(name: str):
+  if name not in _ZOO:
+    raise ValueError(f'unknown model {name!r}; choose one of {names()} '
+                     '(or add one with taylor_jax.models.register)')
+  return _ZOO[name]
+
+
+def full_widths(name: str) -> dict[str, int]:
+  """Unpruned widths (group name -> units) of a zoo model."""
+  cls, kwargs = _lookup(name)
+  import inspect
+  accepted = inspect.signature(cls.full_widths).parameters
+  return cls.full_widths(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def create(name: str, num_classes: int, widths: Optional[Mapping[str, int]] = None,
+           axis_name: Optional[str] = None, **overrides: Any):
+  """Builds zoo model ``name`` with ``widths`` (default: unpruned)."""
+  cls, kwargs = _lookup(name)
+  widths = dict(full_widths(name) if widths is None else widths)
+  missing = set(full_widths(name)) - set(widths)
+  if missing:
+    raise ValueError(f'widths for model {name!r} lack groups {sorted(missing)}')
+  return cls(widths=widths, num_classes=num_classes, axis_name=axis_name, **{**kwargs, **overrides})
