@@ -7,7 +7,11 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 from taylor_jax.models.cifar_resnet import CifarResNet
+from taylor_jax.models.densenet import DenseNet
+from taylor_jax.models.imagenet_resnet import ImageNetResNet
 from taylor_jax.models.lenet import LeNet3
+from taylor_jax.models.preact_resnet import PreActResNet
+from taylor_jax.models.vgg import VGG
 
 # name -> (class, fixed constructor kwargs). Widths come from ``cls.full_widths(**kwargs)``
 # (only the kwargs full_widths accepts are passed to it).
@@ -16,6 +20,15 @@ _ZOO: dict[str, tuple[Any, dict[str, Any]]] = {
     'resnet8': (CifarResNet, {'blocks_per_stage': 1}),
     'resnet20': (CifarResNet, {'blocks_per_stage': 3}),
     'resnet56': (CifarResNet, {'blocks_per_stage': 9}),
+    'preact_resnet18': (PreActResNet, {}),
+    'vgg16_bn': (VGG, {'cfg': 'vgg16', 'head': 'cifar'}),
+    # ImageNet (torchvision layouts)
+    'resnet18': (ImageNetResNet, {'depth': 18}),
+    'resnet34': (ImageNetResNet, {'depth': 34}),
+    'resnet50': (ImageNetResNet, {'depth': 50}),
+    'resnet101': (ImageNetResNet, {'depth': 101}),
+    'vgg11_bn': (VGG, {'cfg': 'vgg11', 'head': 'imagenet'}),
+    'densenet121': (DenseNet, {}),
 }
 
 

@@ -25,10 +25,17 @@ BN_EPSILON = 1e-5
 
 
 def gate(x: Array, gates: Optional[Mapping[str, Array]], name: str) -> Array:
-  """Multiplies the channel (last) axis of ``x`` by the gate of group ``name``."""
+  """Multiplies the channel (last) axis of ``x`` by the gate of group ``name``.
+
+  A gate is ``(width,)`` (shared by the batch) or ``(batch, width)`` (one gate per example, for
+  per-example gradients in one backward pass).
+  """
   if gates is None:
     return x
-  return x * gates[name].astype(x.dtype)
+  z = gates[name].astype(x.dtype)
+  if z.ndim == 2:
+    z = z.reshape((z.shape[0],) + (1,) * (x.ndim - 2) + (z.shape[1],))
+  return x * z
 
 
 def batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.BatchNorm:

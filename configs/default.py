@@ -1,0 +1,30 @@
+"""Default main job: ResNet-8 on Fashion-MNIST, Taylor-FO-BN pruning to -50% FLOPs, fine-tune.
+
+Command (the README's first quick-start line runs exactly this):
+  python -m taylor_jax.main --config=configs/default.py --workdir=runs/default
+
+Expected on the 2-core CPU machine: see runs/default/report.md after the run and the
+measured numbers in experiments/README.md.
+"""
+
+from taylor_jax import configlib
+
+
+def get_config():
+  c = configlib.base_config()
+  c.model = 'resnet8'
+  c.dataset = 'fashion_mnist'
+  c.train.epochs = 5.0
+  c.train.batch_size = 128
+  c.optim.learning_rate = 0.1
+  c.optim.weight_decay = 5e-4
+
+  c.prune.enabled = True
+  c.prune.estimator = 'taylor_fo_bn'
+  c.prune.frequency = 30
+  c.prune.prune_per_iteration = 8
+  c.prune.target_flops_reduction = 0.5
+  c.prune.learning_rate = 0.01
+  c.prune.finetune_epochs = 2.0
+  c.prune.finetune_learning_rate = 0.02
+  return c

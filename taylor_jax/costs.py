@@ -1,0 +1,233 @@
+"""What a network costs: parameters, FLOPs (as MACs) and measured latency.
+
+Conventions (those of the paper's and most pruning papers' FLOPs tables):
+
+* :func:`flops` counts **multiply-accumulates (MACs)** of one forward pass of **one example**,
+  of the convolutions and dense layers only (every ``conv_general_dilated`` and ``dot_general``
+  of the traced eval-mode forward pass); BatchNorm, ReLU, pooling, adds and gates are not
+  counted. A conv's MACs are ``output elements * kernel spatial size * in-channels /
+  feature_group_count``: every kernel tap counts, padded ones included (the usual convention).
+  Note that every ``dot_general`` counts, e.g. the ``einsum`` of VGG's adaptive 7x7 average pool
+  when the last feature map is not already 7x7 (negligible: ``49 * C`` MACs per example).
+* ``count_padding=False`` counts only kernel taps that fall inside the (unpadded) input, which is
+  the convention of XLA's ``HloCostAnalysis``. XLA reports **flops = 2 x MACs** for convolutions
+  and dots (one multiply + one add per MAC) plus one flop per element of every elementwise op
+  (BN, ReLU, gates, adds) and reductions. So ``xla_flops ~= 2 * flops(count_padding=False) +
+  elementwise``; :func:`xla_conv_dot_flops` is XLA's count for just the conv/dot ops, which equals
+  ``2 * flops(count_padding=False)``.
+* With ``masks``, FLOPs are those of the surgered network (the model rebuilt with the widths of
+  the kept units, :func:`taylor_jax.surgery.new_widths`), i.e. what a masked network costs once the
+  masked units are removed.
+
+:func:`latency_ms` measures instead of counting: FLOPs drop does not imply latency drop (odd
+channel counts, memory-bound layers), so report both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from taylor_jax import surgery
+
+Shape = Sequence[int]
+
+
+def count_params(variables_or_params: Mapping[str, Any]) -> int:
+  """Number of parameters (entries of ``params``; a variables dict counts its 'params' only)."""
+  tree = variables_or_params
+  if isinstance(tree, Mapping) and 'params' in tree:
+    tree = tree['params']
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+
+
+# --- counting from the jaxpr -------------------------------------------------------------------
+
+def _conv_valid_taps(in_size: int, out_size: int, k: int, stride: int, pad_lo: int,
+                     lhs_dil: int, rhs_dil: int) -> int:
+  """Number of (output position, kernel tap) pairs of one spatial axis that read a real input
+  element (not padding, not a hole of input dilation), as XLA's HloCostAnalysis counts them."""
+  dilated_in = (in_size - 1) * lhs_dil + 1 if in_size > 0 else 0
+  o = np.arange(out_size)[:, None]
+  t = np.arange(k)[None, :]
+  pos = o * stride - pad_lo + t * rhs_dil
+  ok = (pos >= 0) & (pos < dilated_in) & (pos % lhs_dil == 0)
+  return int(ok.sum())
+
+
+def _conv_macs(eqn, count_padding: bool) -> int:
+  lhs, rhs = (v.aval for v in eqn.invars[:2])
+  out = eqn.outvars[0].aval
+  p = eqn.params
+  dn = p['dimension_numbers']
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  kernel_in = rhs.shape[rhs_spec[1]]  # == in-channels / feature_group_count
+  ksp = [rhs.shape[d] for d in rhs_spec[2:]]
+  if count_padding:
+    return int(math.prod(out.shape) * math.prod(ksp) * kernel_in)
+  n = out.shape[out_spec[0]]
+  cout = out.shape[out_spec[1]]
+  valid = 1
+  for i, k in enumerate(ksp):
+    valid *= _conv_valid_taps(lhs.shape[lhs_spec[2 + i]], out.shape[out_spec[2 + i]], k,
+                              p['window_strides'][i], p['padding'][i][0],
+                              p['lhs_dilation'][i], p['rhs_dilation'][i])
+  return int(n * cout * kernel_in * valid)
+
+
+def _dot_macs(eqn) -> int:
+  lhs = eqn.invars[0].aval
+  out = eqn.outvars[0].aval
+  (lhs_contract, _), _ = eqn.params['dimension_numbers']
+  return int(math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract))
+
+
+def _walk(jaxpr, count_padding: bool, mult: int, out: list) -> None:
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      out.append((eqn, mult * _conv_macs(eqn, count_padding)))
+    elif name == 'dot_general':
+      out.append((eqn, mult * _dot_macs(eqn)))
+    subs = list(jcore.jaxprs_in_params(eqn.params))
+    if not subs:
+      continue
+    if name == 'scan':
+      sub_mult = mult * int(eqn.params['length'])
+    else:  # jit, custom_jvp/vjp, remat, while (body counted once), cond (every branch)
+      sub_mult = mult
+    if name == 'cond':  # count the most expensive branch
+      branches = []
+      for sub in subs:
+        acc: list = []
+        _walk(sub, count_padding, sub_mult, acc)
+        branches.append(acc)
+      out.extend(max(branches, key=lambda a: sum(m for _, m in a)))
+      continue
+    for sub in subs:
+      _walk(sub, count_padding, sub_mult, out)
+
+
+def _abstract_variables(model, input_shape: Shape):
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype))), x
+
+
+def _eval_jaxpr(model, input_shape: Shape):
+  variables, x = _abstract_variables(model, input_shape)
+  fn = lambda v, xx: model.apply(v, xx, train=False)
+  return jax.make_jaxpr(fn)(variables, x)
+
+
+def _surgered(model, masks: Optional[Mapping[str, Any]]):
+  if masks is None:
+    return model
+  return model.clone(widths=surgery.new_widths(model.widths, jax.device_get(masks)))
+
+
+def conv_dot_ops(model, input_shape: Shape, masks: Optional[Mapping[str, Any]] = None,
+                 count_padding: bool = True) -> list[tuple[Any, int]]:
+  """``(jaxpr equation, MACs)`` of every conv/dot of one example's eval forward pass."""
+  out: list = []
+  _walk(_eval_jaxpr(_surgered(model, masks), input_shape).jaxpr, count_padding, 1, out)
+  return out
+
+
+def flops(model, input_shape: Shape, masks: Optional[Mapping[str, Any]] = None,
+          count_padding: bool = True) -> int:
+  """MACs of one eval forward pass of one example (convs + dense only; see module doc).
+
+  Args:
+    model: a zoo model (its ``widths`` decide the cost; no variables needed).
+    input_shape: one example's shape, without the batch axis, e.g. ``(32, 32, 3)``.
+    masks: group -> 0/1 mask; if given, the MACs of the surgered model (masked units removed).
+    count_padding: count kernel taps over padding (default, the papers' convention); False
+      gives XLA's convention (only taps that read real input).
+  """
+  return int(sum(m for _, m in conv_dot_ops(model, input_shape, masks, count_padding)))
+
+
+def _xla_cost_flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):  # older jax: one dict per device/program
+    ca = ca[0]
+  return float(ca.get('flops', 0.0))
+
+
+def xla_flops(model, variables: Mapping[str, Any], input_shape: Shape) -> float:
+  """XLA's cost analysis ('flops') of the compiled eval forward pass of one example.
+
+  XLA counts 2 flops per MAC of convs and dots (taps over padding excluded) plus elementwise
+  and reduction ops (BN, ReLU, adds, pooling), so this is ``2 * flops(..., count_padding=False)``
+  plus the elementwise work.
+  """
+  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  fn = lambda v, xx: model.apply(v, xx, train=False)
+  return _xla_cost_flops(jax.jit(fn).lower(variables, x).compile())
+
+
+def xla_conv_dot_flops(model, input_shape: Shape,
+                       masks: Optional[Mapping[str, Any]] = None) -> float:
+  """XLA's cost analysis of just the conv/dot ops of one example's eval forward pass.
+
+  Every conv/dot equation of the traced forward pass is compiled alone (same primitive, same
+  parameters, same operand shapes) and XLA's 'flops' of it summed. Equals
+  ``2 * flops(..., count_padding=False)`` when our MAC formula matches XLA's.
+  """
+  total, cache = 0.0, {}
+  for eqn, _ in conv_dot_ops(model, input_shape, masks):
+    avals = [v.aval for v in eqn.invars]
+    key = (eqn.primitive.name, tuple((a.shape, str(a.dtype)) for a in avals),
+           repr(sorted(eqn.params.items())))
+    if key not in cache:
+      prim, params = eqn.primitive, dict(eqn.params)
+      fn = lambda *args: prim.bind(*args, **params)
+      args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+      cache[key] = _xla_cost_flops(jax.jit(fn).lower(*args).compile())
+    total += cache[key]
+  return total
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+def latency_ms(model, variables: Mapping[str, Any], masks: Optional[Mapping[str, Any]],
+               batch_size: int, input_shape: Shape, repeats: int = 20,
+               warmup: int = 3) -> dict[str, float]:
+  """Wall-clock milliseconds of one jitted eval forward pass of ``batch_size`` examples.
+
+  Each of ``repeats`` timed calls is synchronised with ``block_until_ready`` (after ``warmup``
+  untimed calls that include compilation). ``masks`` (or None) are passed as the gates: time the
+  surgered model (masks None) to see what pruning buys, the masked one to see the dense cost.
+
+  Returns:
+    ``{'median': ..., 'p10': ..., 'p90': ..., 'mean': ..., 'min': ..., 'batch_size': ...,
+    'repeats': ...}`` (milliseconds per batch).
+  """
+  fn = jax.jit(lambda v, g, xx: model.apply(v, xx, gates=g, train=False))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (batch_size,) + tuple(input_shape)).astype(np.float32))
+  variables = jax.device_put(variables)
+  gates = None if masks is None else jax.device_put(
+      {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()})
+  for _ in range(max(1, warmup)):
+    jax.block_until_ready(fn(variables, gates, x))
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(variables, gates, x))
+    times.append((time.perf_counter() - t0) * 1e3)
+  t = np.asarray(times)
+  return {'median': float(np.median(t)), 'p10': float(np.percentile(t, 10)),
+          'p90': float(np.percentile(t, 90)), 'mean': float(t.mean()), 'min': float(t.min()),
+          'batch_size': int(batch_size), 'repeats': int(t.size)}
+
+
+def summary(model, variables: Mapping[str, Any], input_shape: Shape) -> dict[str, int]:
+  """``{'params': count_params(variables), 'flops': flops(model, input_shape)}`` (MACs)."""
+  return {'params': count_params(variables), 'flops': flops(model, input_shape)}

@@ -1,0 +1,134 @@
+"""The pruning engine: turns accumulated importance into new masks, in channel groups.
+
+Reference schedule (Molchanov et al. 2019, NVlabs/Taylor_pruning): scores are accumulated every
+minibatch; every ``frequency`` minibatches their plain mean over the period is smoothed across
+pruning steps with an EMA (momentum 0.9, the first step takes the mean), and the
+``prune_per_iteration`` live units with the lowest score are removed, ranked globally across
+groups without per-layer normalisation. Pruned units score 0 and are never revived.
+
+Constraints the reference lacks: a minimum width per group (default 1: no group is ever emptied),
+a maximum pruned share per group (relative to the unpruned width), and alignment of the kept
+widths to a multiple of ``align`` (GPUs pay for odd channel counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from taylor_jax.groups import ChannelGroup
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+  """Per-group limits. ``min_width``: units every group keeps; ``max_share``: largest share of a
+  group's unpruned width that may be pruned; ``align``: kept widths rounded to a multiple of it
+  (1: off)."""
+  min_width: int = 1
+  max_share: float = 1.0
+  align: int = 1
+
+  def __post_init__(self):
+    if self.min_width < 1:
+      raise ValueError(f'prune.min_width={self.min_width}: must be >= 1 (a group cannot be empty)')
+    if not 0.0 <= self.max_share <= 1.0:
+      raise ValueError(f'prune.max_share={self.max_share}: must be in [0, 1]')
+    if self.align < 1:
+      raise ValueError(f'prune.align={self.align}: must be >= 1')
+
+  def min_kept(self, full_width: int) -> int:
+    """Fewest units a group of unpruned width ``full_width`` may keep."""
+    floor = max(self.min_width, math.ceil(full_width * (1.0 - self.max_share) - 1e-9))
+    if self.align > 1 and full_width >= self.align:
+      floor = math.ceil(floor / self.align) * self.align
+    return min(full_width, floor)
+
+
+def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
+                        score_ema: Mapping[str, Any], masks: Mapping[str, Any], first: bool,
+                        momentum: float = 0.9, normalize: Optional[str] = None
+                        ) -> dict[str, np.ndarray]:
+  """New EMA of the period means (``first``: the mean itself); pruned units get 0.
+
+  ``normalize='l2'`` divides each group's period mean by its L2 norm first (the reference's
+  optional per-layer normalisation, off by default).
+  """
+  if score_count <= 0:
+    raise ValueError('no scores were accumulated in this pruning period')
+  out = {}
+  for k, s in score_sum.items():
+    mean = np.asarray(s, np.float64) / score_count
+    if normalize == 'l2':
+      mean = mean / max(np.linalg.norm(mean), 1e-30)
+    elif normalize not in (None, 'none'):
+      raise ValueError(f"unknown prune.normalize {normalize!r}: use 'none' or 'l2'")
+    ema = mean if first else momentum * np.asarray(score_ema[k], np.float64) + (1 - momentum) * mean
+    out[k] = (ema * (np.asarray(masks[k]) > 0)).astype(np.float32)
+  return out
+
+
+def _round_kept(n: int, align: int, lo: int, hi: int) -> int:
+  """``n`` rounded to the nearest multiple of ``align`` within [lo, hi] (hi if none fits)."""
+  if align <= 1 or hi < align:
+    return min(max(n, lo), hi)
+  r = int(math.floor(n / align + 0.5)) * align
+  r = max(r, math.ceil(lo / align) * align)
+  return r if r <= hi else hi
+
+
+def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
+                 groups: Sequence[ChannelGroup], full_widths: Mapping[str, int], num_units: int,
+                 constraints: Constraints = Constraints()) -> dict[str, np.ndarray]:
+  """Masks with the ``num_units`` lowest-scoring live units removed, ranked globally.
+
+  Units whose removal would break a constraint are skipped (the next-lowest goes instead).
+  With ``align > 1`` each group's kept count is then rounded to a multiple of ``align`` and the
+  group keeps its highest-scoring units, so the total removed is approximately ``num_units``.
+  """
+  new = {k: np.asarray(m, np.float32).copy() for k, m in masks.items()}
+  live = {g.name: int(new[g.name].sum()) for g in groups}
+  floor = {g.name: constraints.min_kept(full_widths[g.name]) for g in groups}
+  cand = [(float(np.asarray(scores[g.name])[u]), g.name, int(u))
+          for g in groups if g.prunable for u in np.flatnonzero(new[g.name])]
+  cand.sort()
+  kept = dict(live)
+  removed = 0
+  for _, name, _u in cand:
+    if removed >= num_units:
+      break
+    if kept[name] - 1 < floor[name]:
+      continue
+    kept[name] -= 1
+    removed += 1
+  for g in groups:
+    if not g.prunable:
+      continue
+    target = _round_kept(kept[g.name], constraints.align, floor[g.name], live[g.name])
+    if target == live[g.name]:
+      continue
+    alive = np.flatnonzero(new[g.name])
+    order = alive[np.argsort(-np.asarray(scores[g.name], np.float64)[alive], kind='stable')]
+    new[g.name][:] = 0.0
+    new[g.name][np.sort(order[:target])] = 1.0
+  return new
+
+
+def removable_units(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int],
+                    masks: Mapping[str, Any], constraints: Constraints) -> int:
+  """How many more units the constraints allow removing."""
+  return sum(max(0, int(np.asarray(masks[g.name]).sum()) - constraints.min_kept(full_widths[g.name]))
+             for g in groups if g.prunable)
+
+
+def minimal_masks(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int],
+                  constraints: Constraints) -> dict[str, np.ndarray]:
+  """Masks with every prunable group at its smallest allowed width (for target checks)."""
+  out = {}
+  for g in groups:
+    m = np.zeros(g.width, np.float32)
+    m[:constraints.min_kept(full_widths[g.name]) if g.prunable else g.width] = 1.0
+    out[g.name] = m
+  return out

@@ -1,0 +1,454 @@
+"""The main job: baseline training -> iterative pruning (interleaved with SGD) -> fine-tuning.
+
+One batch's path: :mod:`taylor_jax.data.input_pipeline` yields this process's numpy slice of a
+global batch -> :func:`train.shard_batch` makes it a global array sharded over the ``data``
+mesh axis -> the jitted :func:`train.make_train_step` runs forward with the masks as gates,
+backward, updates, and adds the estimator's per-unit scores to ``state.score_sum`` -> every
+``prune.frequency`` steps :mod:`taylor_jax.engine` turns the period's scores into new masks ->
+:mod:`taylor_jax.surgery` rebuilds the smaller network (and its optimizer state) and the steps
+are re-jitted on the new shapes -> after fine-tuning, :mod:`taylor_jax.report` writes the table.
+
+The run is a sequence of phases over one global step counter (``state.step``), which also
+fixes the data position (epoch, batch), so a run killed at any point resumes from its last
+checkpoint and finishes exactly as an uninterrupted run: 'baseline' -> 'prune' -> 'finetune'
+-> 'done'. The JSON metadata of each checkpoint carries the phase, the widths (a pruned model
+restores without a template), the pruning history and the baseline results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from taylor_jax import checkpoint, configlib, costs, engine, estimators, models, report, surgery
+from taylor_jax import train
+from taylor_jax.data import input_pipeline
+
+ARCH_KEYS = ('model', 'dataset')
+
+
+class IncompatibleCheckpointError(ValueError):
+  pass
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _log_metrics(workdir: str, record: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _check_compatible(meta: dict[str, Any], config: ml_collections.ConfigDict,
+                      workdir: str) -> None:
+  saved = meta.get('config', {})
+  for key in ARCH_KEYS:
+    if key in saved and saved[key] != config[key]:
+      raise IncompatibleCheckpointError(
+          f'{workdir} holds a checkpoint of {key}={saved[key]!r}, but the config asks for '
+          f'{key}={config[key]!r}. Use another --workdir (nothing in {workdir} was changed), or '
+          f'--config.{key}={saved[key]} to resume that run.')
+  if saved.get('seed', config.seed) != config.seed:
+    raise IncompatibleCheckpointError(
+        f'{workdir} holds a run with seed={saved["seed"]}, the config asks for seed={config.seed}; '
+        'resuming would mix two runs. Use another --workdir (nothing was changed).')
+
+
+def _target_reached(config, full_units: int, kept_units: int, flops_ratio: float,
+                    params_ratio: float) -> bool:
+  p = config.prune
+  if p.target_flops_reduction is not None:
+    return 1.0 - flops_ratio >= p.target_flops_reduction - 1e-9
+  if p.target_params_reduction is not None:
+    return 1.0 - params_ratio >= p.target_params_reduction - 1e-9
+  if p.target_keep_share is not None:
+    return kept_units <= p.target_keep_share * full_units + 1e-9
+  return full_units - kept_units >= p.target_units
+
+
+def _units_this_step(config, full_units: int, kept_units: int) -> int:
+  p = config.prune
+  n = p.prune_per_iteration
+  if p.target_keep_share is not None and p.target_flops_reduction is None and \
+      p.target_params_reduction is None:
+    n = min(n, kept_units - int(np.floor(p.target_keep_share * full_units + 1e-9)))
+  elif p.target_units is not None and p.target_flops_reduction is None and \
+      p.target_params_reduction is None and p.target_keep_share is None:
+    n = min(n, p.target_units - (full_units - kept_units))
+  return max(n, 0)
+
+
+def _check_target_feasible(config, groups, full_widths, constraints, model, input_shape,
+                           full_flops, full_params) -> None:
+  """Refuses, before any training, targets the constraints cannot reach."""
+  p = config.prune
+  full_units = sum(full_widths[g.name] for g in groups if g.prunable)
+  removable = engine.removable_units(groups, full_widths, {g.name: np.ones(full_widths[g.name])
+                                                           for g in groups}, constraints)
+  need = None
+  if p.target_units is not None:
+    need = p.target_units
+  elif p.target_keep_share is not None:
+    need = full_units - int(np.floor(p.target_keep_share * full_units))
+  if need is not None and need > removable:
+    raise ValueError(
+        f'invalid config: the target removes {need} units but only {removable} of the '
+        f'{full_units} prunable units can go under prune.min_width={p.min_width}, '
+        f'prune.max_share={p.max_share}, prune.align={p.align}. Lower the target or relax them.')
+  if p.target_flops_reduction is not None or p.target_params_reduction is not None:
+    minimal = engine.minimal_masks(groups, full_widths, constraints)
+    small_model = model.clone(widths=surgery.new_widths(full_widths, minimal))
+    if p.target_flops_reduction is not None:
+      best = 1 - costs.flops(small_model, input_shape) / full_flops
+      what, want = 'FLOPs', p.target_flops_reduction
+    else:
+      v = jax.eval_shape(lambda: small_model.init(jax.random.key(0), np.zeros((1,) + input_shape)))
+      best = 1 - costs.count_params(v['params']) / full_params
+      what, want = 'parameters', p.target_params_reduction
+    if best < want:
+      raise ValueError(
+          f'invalid config: the target asks for {want:.0%} fewer {what}, but pruning every group '
+          f'to its minimum under the constraints (min_width={p.min_width}, '
+          f'max_share={p.max_share}, align={p.align}) removes only {best:.1%}. Lower the target '
+          'or relax the constraints.')
+
+
+class _Job:
+  """State of one run of the main job; methods are its phases."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    os.makedirs(workdir, exist_ok=True)
+    self.mesh = train.create_mesh()
+    c = config
+    self.train_split = input_pipeline.create_split(
+        c.dataset, 'train', batch_size=c.train.batch_size, train=True, seed=c.seed,
+        data_dir=c.data_dir, image_size=c.image_size, augment=c.train.augment,
+        limit=c.train.limit_examples)
+    self.info = self.train_split.info
+    self.test_split = input_pipeline.create_split(
+        c.dataset, 'test', batch_size=c.train.eval_batch_size, train=False, seed=c.seed,
+        data_dir=c.data_dir, image_size=c.image_size, limit=c.train.limit_eval_examples)
+    n_prune_eval = min(c.prune.eval_examples, self.info.test_size)
+    self.prune_eval_split = (input_pipeline.create_split(
+        c.dataset, 'test', batch_size=min(c.train.eval_batch_size, n_prune_eval), train=False,
+        seed=c.seed, data_dir=c.data_dir, image_size=c.image_size, limit=n_prune_eval)
+                             if n_prune_eval > 0 else None)
+    self.input_shape = tuple(self.info.image_shape)
+    self.spe = self.train_split.steps_per_epoch
+    self.baseline_steps = int(round(c.train.epochs * self.spe))
+    self.finetune_steps = int(round(c.prune.finetune_epochs * self.spe))
+    self.full_widths = models.full_widths(c.model)
+    self.constraints = engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align)
+    self.estimator = estimators.get(c.prune.estimator, **c.prune.estimator_options.to_dict()) \
+        if c.prune.enabled else None
+    self.mngr = checkpoint.manager(workdir)
+    self.wall_start = time.time()
+
+  # -- model / optimizer per phase -----------------------------------------------------------
+  def tx_for(self, phase: str):
+    c = self.config
+    if phase == 'baseline':
+      return train.create_optimizer(c.optim, self.spe, max(self.baseline_steps, 1))
+    optim = ml_collections.ConfigDict(c.optim.to_dict())
+    if phase == 'prune':
+      optim.learning_rate, optim.schedule, optim.warmup_epochs = c.prune.learning_rate, 'constant', 0.
+    else:
+      optim.learning_rate, optim.schedule, optim.warmup_epochs = (
+          c.prune.finetune_learning_rate, 'cosine', 0.)
+    return train.create_optimizer(optim, self.spe, max(self.finetune_steps, 1))
+
+  def build(self, widths, phase: str) -> None:
+    self.widths = dict(widths)
+    self.model = models.create(self.config.model, self.info.num_classes, self.widths)
+    self.groups = self.model.groups()
+    self.tx = self.tx_for(phase)
+    self.train_step = train.make_train_step(
+        self.model, self.tx, self.mesh, self.estimator if phase == 'prune' else None, self.groups)
+    self.eval_step = train.make_eval_step(self.model, self.mesh)
+
+  def fresh_state(self, widths, phase: str, seed: int):
+    model = models.create(self.config.model, self.info.num_classes, widths)
+    variables = model.init(jax.random.key(seed), np.zeros((1,) + self.input_shape, np.float32))
+    return train.create_train_state(variables, self.tx_for(phase), widths=widths)
+
+  def meta(self, phase: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {'phase': phase, 'widths': self.widths, 'num_classes': self.info.num_classes,
+            'model': self.config.model, 'input_shape': list(self.input_shape),
+            'config': json.loads(self.config.to_json_best_effort()), **extra}
+
+  def save(self, state, phase: str, extra: dict[str, Any], force: bool = False) -> None:
+    checkpoint.save(self.mngr, int(state.step), state, self.meta(phase, extra), force=force)
+
+  def evaluate(self, state, split) -> dict[str, float]:
+    return train.evaluate(self.eval_step, state, self.mesh, split.batches(0))
+
+  def costs_of(self, state) -> dict[str, float]:
+    masks = jax.device_get(state.masks)
+    small = self.model.clone(widths=surgery.new_widths(self.widths, masks))
+    variables = surgery.shrink_variables(
+        self.groups, {'params': state.params, 'batch_stats': state.batch_stats}, masks)
+    return {'params': costs.count_params(variables['params']),
+            'flops': costs.flops(small, self.input_shape)}
+
+  def latency(self, state) -> dict[str, float]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    out = {}
+    for b in (1, 64):
+      lat = costs.latency_ms(self.model, variables, state.masks, b, self.input_shape,
+                             repeats=self.config.report.latency_repeats)
+      out[f'latency_ms_b{b}'] = lat['median']
+    return out
+
+  # -- training over a step range ----------------------------------------------------------------
+  def batches_from(self, step: int):
+    epoch, k = divmod(step, self.spe)
+    while True:
+      for local in self.train_split.batches(epoch, k):
+        yield train.shard_batch(self.mesh, local)
+      epoch, k = epoch + 1, 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the main job in ``workdir``; returns the report dict."""
+  configlib.validate(config)
+  job = _Job(config, workdir)
+  c = config
+  meta = checkpoint.latest_meta(job.mngr)
+  if meta is not None:
+    _check_compatible(meta, c, workdir)
+    phase, extra = meta['phase'], dict(meta.get('extra', {}))
+    job.build(meta['widths'], phase)
+    template_widths = meta['widths']
+    state = checkpoint.restore_state(job.mngr,
+                                     lambda: job.fresh_state(template_widths, phase, c.seed))
+    logging.info('resumed %s at step %d (phase %s)', workdir, int(state.step), phase)
+  else:
+    extra = {'history': []}
+    if c.train.init_checkpoint:
+      init_mngr = checkpoint.manager(c.train.init_checkpoint)
+      init_meta = checkpoint.latest_meta(init_mngr)
+      if init_meta is None:
+        raise FileNotFoundError(f'train.init_checkpoint={c.train.init_checkpoint!r} holds no '
+                                'checkpoint; run its config first')
+      _check_compatible(init_meta, c, c.train.init_checkpoint)
+      w = init_meta['widths']
+      job.widths = w
+      base = checkpoint.restore_state(init_mngr, lambda: job.fresh_state(w, 'baseline', c.seed))
+      fresh = job.fresh_state(w, 'baseline', c.seed)
+      state = fresh.replace(params=base.params, batch_stats=base.batch_stats)
+      phase = 'baseline_done'
+      job.build(w, 'baseline')
+    else:
+      phase = 'baseline'
+      job.build(job.full_widths, phase)
+      state = job.fresh_state(job.full_widths, phase, c.seed)
+  full_flops = costs.flops(models.create(c.model, job.info.num_classes), job.input_shape)
+  full_params = costs.count_params(jax.eval_shape(
+      lambda: models.create(c.model, job.info.num_classes).init(
+          jax.random.key(0), np.zeros((1,) + job.input_shape)))['params'])
+  if c.prune.enabled:
+    _check_target_feasible(c, job.groups if job.widths == job.full_widths else
+                           models.create(c.model, job.info.num_classes).groups(),
+                           job.full_widths, job.constraints, job.model, job.input_shape,
+                           full_flops, full_params)
+  state = train.replicate(job.mesh, state)
+  full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
+
+  bar = tqdm.tqdm(total=job.baseline_steps + job.finetune_steps, initial=int(state.step),
+                  desc=phase, mininterval=5.0, disable=jax.process_index() != 0)
+  log_every, ckpt_every = c.train.log_every_steps, c.train.checkpoint_every_steps
+
+  def train_until(state, stop_step: int, phase: str, on_step=None):
+    """Trains to ``stop_step`` (or until ``on_step`` returns a new phase); checkpoints."""
+    it = job.batches_from(int(state.step))
+    losses = []
+    while int(state.step) < stop_step:
+      state, metrics = job.train_step(state, next(it))
+      step = int(state.step)
+      bar.update(1)
+      losses.append(metrics)
+      if step % log_every == 0:
+        m = jax.device_get(losses)
+        rec = {'step': step, 'phase': phase,
+               'train_loss': float(np.mean([x['loss'] for x in m])),
+               'train_accuracy': float(np.mean([x['accuracy'] for x in m])),
+               'wall_s': time.time() - job.wall_start}
+        _log_metrics(workdir, rec)
+        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_accuracy']:.3f}")
+        losses = []
+      if on_step is not None:
+        state, new_phase = on_step(state)
+        if new_phase is not None:
+          return state, new_phase
+      if step % ckpt_every == 0:
+        job.save(state, phase, extra)
+    return state, None
+
+  # -- baseline ------------------------------------------------------------------------------
+  if phase == 'baseline':
+    bar.set_description('baseline')
+    state, _ = train_until(state, job.baseline_steps, 'baseline')
+    phase = 'baseline_done'
+  if phase == 'baseline_done':
+    if 'baseline' not in extra:
+      ev = job.evaluate(state, job.test_split)
+      extra['baseline'] = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
+                           'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
+                           **job.latency(state), 'step': int(state.step),
+                           'wall_s': time.time() - job.wall_start}
+      _log_metrics(workdir, {'step': int(state.step), 'phase': 'baseline_eval', **ev})
+      logging.info('baseline: %s', extra['baseline'])
+    phase = 'prune' if c.prune.enabled else 'done'
+    extra['prune_start_step'] = int(state.step)
+    if phase == 'prune':
+      job.build(job.widths, 'prune')
+      state = train.replicate(job.mesh, jax.device_get(state).replace(
+          opt_state=job.tx.init(jax.device_get(state.params))))
+    job.save(state, phase, extra, force=True)
+
+  # -- iterative pruning ---------------------------------------------------------------------------
+  if phase == 'prune':
+    bar.set_description('prune')
+    freq = c.prune.frequency
+
+    def on_step(state):
+      if int(state.score_count) < freq:
+        return state, None
+      host = jax.device_get(state)
+      masks = {k: np.asarray(v) for k, v in host.masks.items()}
+      first = int(host.prune_steps) == 0
+      ema = engine.period_mean_and_ema(host.score_sum, int(host.score_count), host.score_ema,
+                                       masks, first, c.prune.ema_momentum, c.prune.normalize)
+      # Surgery drops removed units from widths and masks, so live units == sum of masks.
+      kept = sum(int(masks[g.name].sum()) for g in job.groups if g.prunable)
+      n = _units_this_step(c, full_units, kept)
+      new_masks = engine.prune_lowest(ema, masks, job.groups, job.full_widths, n, job.constraints)
+      host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
+                          score_ema={k: np.asarray(v) for k, v in ema.items()},
+                          score_sum=jax.device_get(train.zeros_like_masks(new_masks)),
+                          score_count=np.zeros((), np.int32),
+                          prune_steps=host.prune_steps + 1)
+      cst = job.costs_of(host)
+      rec = {'prune_step': int(host.prune_steps), 'step': int(host.step),
+             'units_kept': int(sum(int(np.asarray(new_masks[g.name]).sum())
+                                   for g in job.groups if g.prunable)),
+             'flops': cst['flops'], 'params': cst['params'],
+             'flops_ratio': cst['flops'] / full_flops, 'params_ratio': cst['params'] / full_params,
+             'wall_s': time.time() - job.wall_start}
+      done = (_target_reached(c, full_units, rec['units_kept'], rec['flops_ratio'],
+                              rec['params_ratio'])
+              or int(host.prune_steps) >= c.prune.max_pruning_iterations)
+      if c.prune.surgery and (int(host.prune_steps) % c.prune.surgery_every == 0 or done):
+        new_model, host = surgery.shrink_train_state(host, job.model, job.tx)
+        job.build(new_model.widths, 'prune')
+      if job.prune_eval_split is not None:
+        ev = train.evaluate(job.eval_step, host, job.mesh, job.prune_eval_split.batches(0))
+        rec['eval_accuracy'], rec['eval_loss'] = ev['accuracy'], ev['loss']
+      extra['history'].append(rec)
+      _log_metrics(workdir, {'phase': 'prune_step', **rec})
+      new_state = train.replicate(job.mesh, host)
+      if done:
+        extra['prune_end_step'] = int(host.step)
+        return new_state, 'finetune'
+      job.save(new_state, 'prune', extra)
+      return new_state, None
+
+    state, new_phase = train_until(state, 2**62, 'prune', on_step)
+    phase = 'finetune'
+    job.build(job.widths, 'finetune')
+    host = jax.device_get(state)
+    state = train.replicate(job.mesh, host.replace(opt_state=job.tx.init(host.params)))
+    job.save(state, phase, extra, force=True)
+
+  # -- fine-tuning --------------------------------------------------------------------------------
+  if phase == 'finetune':
+    bar.set_description('finetune')
+    state, _ = train_until(state, extra['prune_end_step'] + job.finetune_steps, 'finetune')
+    phase = 'done'
+    job.save(state, phase, extra, force=True)
+  bar.close()
+  job.mngr.wait_until_finished()
+
+  # -- report -------------------------------------------------------------------------------------
+  ev = job.evaluate(state, job.test_split)
+  final = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
+           'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
+           **job.latency(state), 'step': int(state.step), 'widths': job.widths}
+  _log_metrics(workdir, {'step': int(state.step), 'phase': 'final_eval', **ev})
+  result = {'baseline': extra.get('baseline', final)}
+  if c.prune.enabled:
+    result['pruned'] = final
+    result['history'] = extra['history']
+  result['config'] = json.loads(c.to_json_best_effort())
+  result['wall_s_this_process'] = time.time() - job.wall_start
+  if jax.process_index() == 0:
+    report.write(workdir, result)
+  return result
+
+
+def restore(workdir: str):
+  """Rebuilds the (possibly pruned) model saved in ``workdir`` in a fresh process.
+
+  Returns ``(model, state, meta)``; the widths come from the checkpoint's metadata, so the
+  user supplies no shapes.
+  """
+  mngr = checkpoint.manager(workdir, async_save=False)
+  meta = checkpoint.latest_meta(mngr)
+  if meta is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint (expected {workdir}/checkpoints)')
+  cfg = ml_collections.ConfigDict(meta['config'])
+  model = models.create(meta['model'], meta['num_classes'], meta['widths'])
+  input_shape = tuple(meta['input_shape'])
+
+  def template():
+    variables = model.init(jax.random.key(0), np.zeros((1,) + input_shape, np.float32))
+    job_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    phase = meta['phase']
+    optim = ml_collections.ConfigDict(job_cfg.optim.to_dict())
+    if phase != 'baseline':
+      optim.schedule = 'constant'
+    tx = train.create_optimizer(optim, 1, 1)
+    return train.create_train_state(variables, tx, widths=meta['widths'])
+
+  state = checkpoint.restore_state(mngr, template)
+  return model, state, meta
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the workdir's model (pruned or not) and evaluates it on the test split."""
+  model, state, meta = restore(workdir)
+  c = ml_collections.ConfigDict(meta['config'])
+  mesh = train.create_mesh()
+  split = input_pipeline.create_split(c.dataset, 'test', batch_size=config.train.eval_batch_size,
+                                      train=False, seed=c.seed, data_dir=config.data_dir,
+                                      image_size=c.image_size)
+  state = train.replicate(mesh, state)
+  ev = train.evaluate(train.make_eval_step(model, mesh), state, mesh, split.batches(0))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return {'restored': {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
+                       'test_top5_accuracy': ev['top5_accuracy'],
+                       'params': costs.count_params(state.params),
+                       'flops': costs.flops(model, tuple(meta['input_shape'])),
+                       'widths': meta['widths'], 'phase': meta['phase'],
+                       'step': int(state.step)}}
+
+
+def summary(result: dict[str, Any]) -> str:
+  lines = []
+  for key in ('baseline', 'pruned', 'restored'):
+    if key in result:
+      r = result[key]
+      lines.append(f"{key:9s} test_accuracy={r['test_accuracy']:.4f} params={r['params']:,} "
+                   f"flops={r['flops']:,}" +
+                   (f" latency_ms_b64={r['latency_ms_b64']:.2f}" if 'latency_ms_b64' in r else ''))
+  return '\n'.join(lines)

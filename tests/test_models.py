@@ -1,0 +1,225 @@
+"""Zoo models: shapes, parameter counts, channel groups, and the masking == surgery invariant.
+
+Cheap on 2 CPU cores: full-size ImageNet models only through ``jax.eval_shape``; forward passes of
+ImageNet models use 32x32 / 64x64 inputs, batch 2, and reduced (1/4) widths.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylor_jax import models, surgery
+from taylor_jax.groups import check_groups, get_path, total_units
+from taylor_jax.models.vgg import adaptive_pool_matrix
+
+CIFAR = {'resnet8', 'resnet20', 'resnet56', 'preact_resnet18', 'vgg16_bn'}
+IMAGENET = {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'vgg11_bn', 'densenet121'}
+ALL = sorted(CIFAR | IMAGENET | {'lenet3'})
+
+# Exact trainable-parameter counts. ImageNet ones (1000 classes) are the published torchvision
+# counts; CIFAR ones (10 classes) are what these definitions give (projection shortcuts for the
+# CIFAR ResNets; kuangliu's VGG16 with BN has 14,728,266; kuangliu's PreActResNet18 has 11,171,146,
+# +1,024 for the final BN kept here).
+PARAM_COUNTS = {
+    'lenet3': 85_822,
+    'resnet8': 78_042,
+    'resnet20': 272_474,
+    'resnet56': 855_770,
+    'preact_resnet18': 11_172_170,
+    'vgg16_bn': 14_728_266,
+    'resnet18': 11_689_512,
+    'resnet34': 21_797_672,
+    'resnet50': 25_557_032,
+    'resnet101': 44_549_160,
+    'vgg11_bn': 132_868_840,
+    'densenet121': 7_978_856,
+}
+# Sanity ranges (published / paper figures) for the counts above.
+PARAM_RANGES = {'resnet20': (0.26e6, 0.28e6), 'resnet56': (0.84e6, 0.87e6),
+                'preact_resnet18': (11.1e6, 11.3e6), 'vgg16_bn': (14.7e6, 14.8e6)}
+
+
+def num_classes(name: str) -> int:
+  return 1000 if name in IMAGENET else 10
+
+
+def input_shape(name: str, small: bool = True) -> tuple[int, ...]:
+  if name == 'lenet3':
+    return (2, 28, 28, 1)
+  if name in IMAGENET:
+    if not small:
+      return (1, 224, 224, 3)
+    # 64px for VGG11: the 2x2 feature map exercises the adaptive 7x7 pooling's overlapping bins.
+    return (2, 64, 64, 3) if name == 'vgg11_bn' else (2, 32, 32, 3)
+  return (2, 32, 32, 3)
+
+
+def abstract_variables(model, shape):
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+
+
+def n_params(variables) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables['params']))
+
+
+# --- shapes, counts, groups at full width -------------------------------------------------------
+
+@pytest.mark.parametrize('name', ALL)
+def test_output_shape_and_param_count(name):
+  nc = num_classes(name)
+  model = models.create(name, nc)
+  big = input_shape(name, small=False)
+  v = abstract_variables(model, big)
+  assert n_params(v) == PARAM_COUNTS[name]
+  if name in PARAM_RANGES:
+    lo, hi = PARAM_RANGES[name]
+    assert lo <= n_params(v) <= hi
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), v, jax.ShapeDtypeStruct(big, jnp.float32))
+  assert out.shape == (big[0], nc)
+  small = input_shape(name)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), abstract_variables(model, small),
+                       jax.ShapeDtypeStruct(small, jnp.float32))
+  assert out.shape == (small[0], nc)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_groups_describe_full_model(name):
+  model = models.create(name, num_classes(name))
+  groups = model.groups()
+  assert [g.name for g in groups] and {g.name for g in groups} == set(models.full_widths(name))
+  assert {g.kind for g in groups} <= {'channel', 'residual', 'neuron', 'concat'}
+  check_groups(abstract_variables(model, input_shape(name)), groups)
+
+
+def test_reference_gate_counts():
+  # The reference's gate counts for the bottleneck ResNets (REFERENCE.md section 1).
+  assert total_units(models.create('resnet50', 1000).groups()) == 11_392
+  assert total_units(models.create('resnet101', 1000).groups()) == 20_096
+  dn = models.create('densenet121', 1000).groups()
+  assert {g.kind for g in dn if g.prunable} == {'channel'}
+  assert total_units(dn) == 58 * 128  # only bottlenecks are prunable
+
+
+def _random_widths(name, rng, low_fraction=0.0):
+  return {k: int(rng.integers(max(1, int(w * low_fraction)), w + 1))
+          for k, w in models.full_widths(name).items()}
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_smaller_model_shapes_match_groups(name):
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  widths = _random_widths(name, rng)
+  model = models.create(name, num_classes(name), widths=widths)
+  v = abstract_variables(model, input_shape(name))
+  groups = model.groups()
+  check_groups(v, groups)
+  # Every (array, axis) named by a slice has exactly the length its groups predict.
+  expected: dict = {}
+  for g in groups:
+    assert g.width == widths[g.name]
+    for s in g.slices:
+      arr = get_path(v, s.path)
+      key = (s.path, s.axis % arr.ndim)
+      expected[key] = expected.get(key, 0) + g.width * s.repeat
+      if s.role == 'out':  # a producer's output axis holds exactly its group
+        assert arr.shape[key[1]] == g.width * s.repeat, (g.name, s.path)
+  for (path, axis), n in expected.items():
+    assert get_path(v, path).shape[axis] == n, (path, axis)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), v,
+                       jax.ShapeDtypeStruct(input_shape(name), jnp.float32))
+  assert out.shape == (input_shape(name)[0], num_classes(name))
+
+
+# --- adaptive pooling ---------------------------------------------------------------------------
+
+def test_adaptive_pool_matches_torch_bins():
+  np.testing.assert_allclose(adaptive_pool_matrix(1, 7), np.ones((7, 1)))
+  np.testing.assert_allclose(adaptive_pool_matrix(7, 7), np.eye(7))
+  np.testing.assert_allclose(adaptive_pool_matrix(14, 7), np.kron(np.eye(7), [[0.5, 0.5]]))
+  # torch: start = floor(i*2/7), end = ceil((i+1)*2/7)
+  np.testing.assert_allclose(adaptive_pool_matrix(2, 7), np.array(
+      [[1, 0], [1, 0], [1, 0], [0.5, 0.5], [0, 1], [0, 1], [0, 1]]))
+  m = adaptive_pool_matrix(5, 7)
+  np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
+
+
+# --- masking == surgery -------------------------------------------------------------------------
+
+def _randomize(variables, rng):
+  """Random BN scale/bias/statistics and biases, so that BN(0) != 0 and dead channels matter."""
+  def leaf(path, x):
+    last = path[-1].key
+    if last == 'scale' or last == 'var':
+      return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+    if last == 'bias' or last == 'mean':
+      return jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, variables)
+
+
+def _base_widths(name):
+  full = models.full_widths(name)
+  if name in IMAGENET:  # keep ImageNet forwards cheap on CPU
+    return {k: max(1, w // 4) for k, w in full.items()}
+  return full
+
+
+def _max_rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_masked_equals_surgered(name):
+  rng = np.random.default_rng(1 + zlib.crc32(name.encode()))
+  widths = _base_widths(name)
+  nc = num_classes(name)
+  model = models.create(name, nc, widths=widths)
+  shape = input_shape(name)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  variables = _randomize(model.init(jax.random.PRNGKey(0), x), rng)
+  groups = model.groups()
+  check_groups(variables, groups)
+  # Random masks over every group (prunable or not: all must honour the invariant).
+  masks = {}
+  for g in groups:
+    m = (rng.random(g.width) < 0.6).astype(np.float32)
+    m[rng.integers(g.width)] = 1.0
+    masks[g.name] = jnp.asarray(m)
+  assert any(float(m.sum()) < m.size for m in masks.values())
+  small_vars = surgery.shrink_variables(groups, variables, masks)
+  small = models.create(name, nc, widths=surgery.new_widths(widths, masks))
+  check_groups(small_vars, small.groups())
+  jax.tree.map(lambda a, b: None if a.shape == b.shape else pytest.fail(f'{a.shape} {b.shape}'),
+               small_vars, jax.eval_shape(lambda: small.init(jax.random.PRNGKey(0), x)))
+
+  # eval mode (jit: far cheaper than op-by-op dispatch for the deep models)
+  run = jax.jit(model.apply, static_argnames=('train', 'mutable'))
+  run_small = jax.jit(small.apply, static_argnames=('train', 'mutable'))
+  y_mask = run(variables, x, gates=masks)
+  y_small = run_small(small_vars, x)
+  y_full = run(variables, x, gates=jax.tree.map(jnp.ones_like, masks))
+  assert y_mask.shape == y_small.shape == (shape[0], nc)
+  assert _max_rel_err(y_mask, y_small) < 1e-5, _max_rel_err(y_mask, y_small)
+  assert _max_rel_err(y_mask, y_full) > 1e-3  # the masks do change the output
+  # shrunk all-ones gates are accepted too
+  y_small_g = run_small(small_vars, x, gates=surgery.shrink_masks(masks))
+  assert _max_rel_err(y_small_g, y_small) < 1e-6
+
+  # train mode (batch statistics), including the updated running statistics
+  if 'batch_stats' not in variables:
+    return
+  y_mask, upd_mask = run(variables, x, gates=masks, train=True, mutable=('batch_stats',))
+  y_small, upd_small = run_small(small_vars, x, gates=surgery.shrink_masks(masks), train=True,
+                                 mutable=('batch_stats',))
+  assert _max_rel_err(y_mask, y_small) < 1e-5, _max_rel_err(y_mask, y_small)
+  shrunk_stats = surgery.shrink_variables(
+      groups, {'params': variables['params'], 'batch_stats': upd_mask['batch_stats']}, masks)
+  errs = jax.tree.leaves(jax.tree.map(_max_rel_err, shrunk_stats['batch_stats'],
+                                      upd_small['batch_stats']))
+  assert max(errs) < 1e-5, max(errs)
