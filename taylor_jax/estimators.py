@@ -16,6 +16,31 @@ data-parallel step every ingredient is already reduced across devices (``axis_na
 Loss convention: ``L`` is the minibatch-MEAN cross-entropy (of the global batch in the
 data-parallel step). Gates ``z`` are the per-unit multipliers of :mod:`taylor_jax.groups`,
 evaluated at the current masks.
+
+Device reductions: quantities linear in the mean-loss gradient (``dL/dz``, ``dL/dw``, ``H v``)
+are ``mean_over_devices``-ed BEFORE any square; per-example sums (FG) are squared per example
+and ``sum_over_devices``-ed. Inside the step (``shard_map``, ``check_vma=False``) the gradient a
+device takes of its own mean loss is that of the SUM of the device losses through the
+synchronised BatchNorm (pmap semantics), i.e. ``n`` times the global-mean gradient for that
+device's examples; per-example criteria divide by ``n = ctx.num_devices()``.
+
+Registered criteria (reference ids of NVlabs/Taylor_pruning in brackets):
+
+=========================  ================================================================
+``taylor_fo_bn`` [22]      ``(dL/dz)^2`` (sum over batch/space, then square)
+``taylor_fo_bn_fg`` [23]   ``sum_b (dL_b/dz)^2``, one backward pass with per-example gates
+``taylor_fo_weight`` [0]   ``sum (w g)^2`` over the producer ('out') slices
+``taylor_fo_weight_exact`` ``(sum w g)^2`` over every slice of the group (paper's group form)
+``taylor_so`` [11]         ``(g z - 1/2 z (H z))^2`` (one HVP); ``on='weights'``: group form
+``obd`` [10]               ``1/2 z^2 diag(H)``, Hutchinson diagonal; ``obd_exact``: jax.hessian
+``weight_l2`` [2]          ``sum w^2`` over 'out' slices; ``weight_l1``: ``sum |w|``
+``bn_scale`` [30]          ``|gamma|``; ``bn_taylor`` [31] ``(gamma g_gamma + beta g_beta)^2``;
+                           ``bn_scale_grad``: ``|gamma g_gamma|``
+``activation_taylor`` [6]  ``mean_{b,h,w} |a dL/da|`` / L2 norm of the group (spatial gate)
+``random`` [1]             uniform
+=========================  ================================================================
+
+Weight criteria reduce parameter trees to units with :func:`per_unit_sum`.
 """
 
 from __future__ import annotations

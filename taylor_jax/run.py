@@ -224,8 +224,18 @@ class _Job:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the main job in ``workdir``; returns the report dict."""
   configlib.validate(config)
-  job = _Job(config, workdir)
   c = config
+  info = input_pipeline.dataset_info(c.dataset, c.data_dir, c.image_size)
+  input_shape = tuple(info.image_shape)
+  full_model = models.create(c.model, info.num_classes)
+  full_flops = costs.flops(full_model, input_shape)
+  full_params = costs.count_params(jax.eval_shape(
+      lambda: full_model.init(jax.random.key(0), np.zeros((1,) + input_shape)))['params'])
+  if c.prune.enabled:  # refuse unreachable targets before any data is read or file written
+    _check_target_feasible(c, full_model.groups(), models.full_widths(c.model),
+                           engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align),
+                           full_model, input_shape, full_flops, full_params)
+  job = _Job(config, workdir)
   meta = checkpoint.latest_meta(job.mngr)
   if meta is not None:
     _check_compatible(meta, c, workdir)
@@ -255,15 +265,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       phase = 'baseline'
       job.build(job.full_widths, phase)
       state = job.fresh_state(job.full_widths, phase, c.seed)
-  full_flops = costs.flops(models.create(c.model, job.info.num_classes), job.input_shape)
-  full_params = costs.count_params(jax.eval_shape(
-      lambda: models.create(c.model, job.info.num_classes).init(
-          jax.random.key(0), np.zeros((1,) + job.input_shape)))['params'])
-  if c.prune.enabled:
-    _check_target_feasible(c, job.groups if job.widths == job.full_widths else
-                           models.create(c.model, job.info.num_classes).groups(),
-                           job.full_widths, job.constraints, job.model, job.input_shape,
-                           full_flops, full_params)
   state = train.replicate(job.mesh, state)
   full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
 
@@ -434,7 +435,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   mesh = train.create_mesh()
   split = input_pipeline.create_split(c.dataset, 'test', batch_size=config.train.eval_batch_size,
                                       train=False, seed=c.seed, data_dir=config.data_dir,
-                                      image_size=c.image_size)
+                                      image_size=c.image_size,
+                                      limit=c.train.get('limit_eval_examples'))
   state = train.replicate(mesh, state)
   ev = train.evaluate(train.make_eval_step(model, mesh), state, mesh, split.batches(0))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -36,10 +36,16 @@ from taylor_jax.models import common as C
 
 
 def _gate_parts(y, gates, names: Sequence[str]):
-  """Multiplies the concatenated channels of ``y`` by the concatenated gates of its parts."""
+  """Multiplies the concatenated channels of ``y`` by the concatenated gates of its parts.
+
+  Gates are ``(width,)`` or per example ``(batch, width)``, as in :func:`common.gate`.
+  """
   if gates is None:
     return y
-  return y * jnp.concatenate([gates[n] for n in names]).astype(y.dtype)
+  z = jnp.concatenate([gates[n].astype(y.dtype) for n in names], axis=-1)
+  if z.ndim == 2:
+    z = z.reshape((z.shape[0],) + (1,) * (y.ndim - 2) + (z.shape[1],))
+  return y * z
 
 
 def _layer(i: int, j: int) -> str:

@@ -1,0 +1,64 @@
+"""Bad input gets a clear error before any data is read or anything is written."""
+
+import os
+
+import pytest
+
+from taylor_jax import configlib, run
+
+
+def _config(**overrides):
+  c = configlib.base_config()
+  c.model = 'resnet8'
+  c.prune.enabled = True
+  c.prune.target_flops_reduction = 0.4
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model': 'resnet9000'}, "unknown model 'resnet9000'"),
+    ({'dataset': 'mnist_fancy'}, "Unknown dataset 'mnist_fancy'"),
+    ({'train.batch_size': 0}, 'train.batch_size=0'),
+    ({'optim.learning_rate': -0.1}, 'optim.learning_rate=-0.1'),
+    ({'optim.schedule': 'linear'}, "optim.schedule='linear'"),
+    ({'prune.estimator': 'nope'}, "unknown estimator 'nope'"),
+    ({'prune.target_flops_reduction': 1.5}, 'prune.target_flops_reduction=1.5'),
+    ({'prune.target_flops_reduction': None}, 'no target'),
+    ({'prune.min_width': 0}, 'prune.min_width=0'),
+    ({'prune.max_share': 2.0}, 'prune.max_share=2.0'),
+    ({'prune.align': 0}, 'prune.align=0'),
+])
+def test_invalid_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
+  workdir = tmp_path / 'w'
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    run.run(_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'prune.target_flops_reduction': None, 'prune.target_units': 10_000}, 'removes 10000 units'),
+    ({'prune.max_share': 0.2, 'prune.target_flops_reduction': 0.6}, 'fewer FLOPs'),
+    ({'prune.min_width': 60, 'prune.target_flops_reduction': 0.5}, 'fewer FLOPs'),
+])
+def test_unreachable_targets_are_refused_before_training(tmp_path, fashion_mnist_data_dir,
+                                                         overrides, message):
+  c = _config(**overrides)
+  c.data_dir = fashion_mnist_data_dir
+  with pytest.raises(ValueError, match=message):
+    run.run(c, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w' / 'checkpoints').exists() or \
+      not os.listdir(tmp_path / 'w' / 'checkpoints')
+
+
+def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch):
+  monkeypatch.setenv('TAYLOR_JAX_FASHION_MNIST_DIR', str(tmp_path / 'no_idx_here'))
+  c = _config()
+  c.data_dir = str(tmp_path / 'empty_tfds')
+  with pytest.raises((FileNotFoundError, ValueError), match='setup.sh|prepare|apt-get'):
+    run.run(c, str(tmp_path / 'w'))

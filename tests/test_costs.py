@@ -1,0 +1,218 @@
+"""Costs: parameter counts, MACs (by hand, vs XLA's cost analysis, masked == surgered), latency."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jcore
+
+from taylor_jax import costs, models, surgery
+
+NAMES = models.names()
+CIFAR = {'lenet3', 'resnet8', 'resnet20', 'resnet56', 'preact_resnet18', 'vgg16_bn'}
+
+
+def input_shape(name: str) -> tuple[int, int, int]:
+  if name == 'lenet3':
+    return (28, 28, 1)
+  return (32, 32, 3) if name in CIFAR else (64, 64, 3)  # ImageNet models: small inputs
+
+
+@functools.lru_cache(maxsize=None)
+def variables_of(name: str):
+  """The model and zero variables of the right shapes (costs depend on shapes only; an eager
+  init of the big models takes minutes on CPU)."""
+  model = models.create(name, 10)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + input_shape(name)))
+  return model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def random_masks(model, seed: int, keep_prob: float = 0.5) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  masks = {}
+  for g in model.groups():
+    m = np.ones(g.width, np.float32)
+    if g.prunable:
+      m = (rng.random(g.width) < keep_prob).astype(np.float32)
+      m[rng.integers(g.width)] = 1.0
+    masks[g.name] = m
+  return masks
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['lenet3', 'resnet20', 'vgg11_bn'])
+def test_count_params(name):
+  model, variables = variables_of(name)
+  want = sum(int(x.size) for x in jax.tree.leaves(variables['params']))
+  assert costs.count_params(variables) == want
+  assert costs.count_params(variables['params']) == want
+  s = costs.summary(model, variables, input_shape(name))
+  assert s == {'params': want, 'flops': costs.flops(model, input_shape(name))}
+
+
+# --- MACs by hand ------------------------------------------------------------------------------
+
+def lenet3_macs(w, side=28, classes=10):
+  """conv5x5 VALID - pool2 - conv5x5 VALID - pool2 - fc - fc - head (MACs per example)."""
+  s1 = side - 4
+  s2 = s1 // 2 - 4
+  flat = (s2 // 2) ** 2 * w['conv2']
+  return (s1 * s1 * w['conv1'] * 25 * 1 + s2 * s2 * w['conv2'] * 25 * w['conv1'] +
+          flat * w['fc1'] + w['fc1'] * w['fc2'] + w['fc2'] * classes)
+
+
+def resnet20_macs(w, blocks=3, classes=10, count_padding=True):
+  """CIFAR ResNet: 3x3 stem, 3 stages of basic blocks (3x3 convs, 1x1/2 projection where the
+  stage starts at s > 1), global pool, dense head. Without padding, a 3x3 'same' conv on an n-long
+  axis has 3n - 2 valid taps (stride 1) or 3n - 1 (stride 2 from 2n to n)."""
+  def conv3(n, cin, cout, stride=1):
+    if count_padding:
+      return n * n * 9 * cin * cout
+    taps = 3 * n - 2 if stride == 1 else 3 * n - 1
+    return taps * taps * cin * cout
+
+  total = conv3(32, 3, w['stage1'])
+  prev = w['stage1']
+  for s, n in zip((1, 2, 3), (32, 16, 8)):
+    for b in range(blocks):
+      mid, out = w[f'stage{s}.block{b}'], w[f'stage{s}']
+      stride = 2 if (s > 1 and b == 0) else 1
+      total += conv3(n, prev, mid, stride) + conv3(n, mid, out)
+      if s > 1 and b == 0:
+        total += n * n * prev * out  # 1x1 stride 2 projection: every tap valid
+      prev = out
+  return total + prev * classes
+
+
+def test_lenet3_macs_by_hand():
+  model = models.create('lenet3', 10)
+  assert costs.flops(model, (28, 28, 1)) == lenet3_macs(model.widths) == 1_121_960
+  # No padding in LeNet: both conventions agree.
+  assert costs.flops(model, (28, 28, 1), count_padding=False) == 1_121_960
+  masks = random_masks(model, 1)
+  assert costs.flops(model, (28, 28, 1), masks) == lenet3_macs(
+      surgery.new_widths(model.widths, masks))
+
+
+def test_resnet20_macs_by_hand():
+  model = models.create('resnet20', 10)
+  # 40.55M (He et al.'s ResNet-20 with zero-padding shortcuts) + two 1x1 projections (2 x 131k).
+  assert costs.flops(model, (32, 32, 3)) == resnet20_macs(model.widths) == 40_813_184
+  assert costs.flops(model, (32, 32, 3), count_padding=False) == resnet20_macs(
+      model.widths, count_padding=False)
+  for seed in range(3):
+    masks = random_masks(model, seed, keep_prob=0.3 + 0.3 * seed)
+    w = surgery.new_widths(model.widths, masks)
+    assert costs.flops(model, (32, 32, 3), masks) == resnet20_macs(w)
+    assert costs.flops(model, (32, 32, 3), masks, count_padding=False) == resnet20_macs(
+        w, count_padding=False)
+
+
+# --- vs XLA --------------------------------------------------------------------------------------
+
+_ELEMENTWISE = {'add', 'sub', 'mul', 'div', 'max', 'min', 'neg', 'abs', 'sign', 'select_n',
+                'ge', 'gt', 'lt', 'le', 'eq', 'ne', 'and', 'or', 'not', 'integer_pow'}
+
+
+def elementwise_flops(jaxpr) -> int:
+  """XLA's count of the non-conv/dot work: 1 flop per output element of an elementwise op,
+  ``input - output`` elements of a reduction, ``output * (window - 1)`` of a pooling window
+  (transcendentals such as rsqrt are counted apart by XLA, not in 'flops')."""
+  total = 0
+  for e in jaxpr.eqns:
+    n, out = e.primitive.name, math.prod(e.outvars[0].aval.shape)
+    if n in _ELEMENTWISE:
+      total += out
+    elif n in ('reduce_sum', 'reduce_max', 'reduce_min'):
+      total += math.prod(e.invars[0].aval.shape) - out
+    elif n.startswith('reduce_window'):
+      total += out * (math.prod(e.params['window_dimensions']) - 1)
+    for sub in jcore.jaxprs_in_params(e.params):
+      total += elementwise_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_flops_agree_with_xla(name):
+  """Our MACs (from widths) x 2 vs XLA's HloCostAnalysis, for every zoo model.
+
+  1. conv/dot ops alone (each lowered on its own): XLA == 2 x MACs (XLA's convention: taps over
+     padding excluded, 2 flops per MAC), within 2% (exact in practice).
+  2. the whole eval forward pass as one XLA module, unsubtracted: XLA == 2 x MACs within 2%
+     (the remainder is BN/ReLU/add/pool work) ...
+  3. ... and that remainder is exactly the elementwise work (so nothing conv/dot-like is missed).
+  """
+  model, variables = variables_of(name)
+  shape = input_shape(name)
+  ours = costs.flops(model, shape, count_padding=False)
+  per_op = costs.xla_conv_dot_flops(model, shape)
+  assert abs(per_op - 2 * ours) <= 0.02 * per_op, (name, per_op, 2 * ours)
+  whole = costs.xla_flops(model, variables, shape, optimized=False)
+  assert 2 * ours <= whole <= 2 * ours * 1.02, (name, whole / (2 * ours) - 1)
+  rest = elementwise_flops(costs._eval_jaxpr(model, shape).jaxpr)
+  assert abs(whole - (2 * ours + rest)) <= 1e-3 * whole, (name, whole, 2 * ours + rest)
+  # Padded taps only add work: the papers' convention counts at least as much.
+  assert costs.flops(model, shape) >= ours
+
+
+@pytest.mark.parametrize('name', ['lenet3', 'resnet8', 'vgg16_bn'])
+def test_flops_agree_with_compiled_xla(name):
+  """The compiled (optimised) module too; XLA's fusion can duplicate cheap elementwise work into
+  several consumers (a few % on deep ResNets), so it is checked on models where it does not."""
+  model, variables = variables_of(name)
+  shape = input_shape(name)
+  ours = costs.flops(model, shape, count_padding=False)
+  whole = costs.xla_flops(model, variables, shape)
+  assert 2 * ours <= whole <= 2 * ours * 1.02, (name, whole / (2 * ours) - 1)
+
+
+# --- masked == surgered ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['lenet3', 'resnet20', 'preact_resnet18', 'vgg11_bn',
+                                  'densenet121'])
+def test_masked_flops_equal_surgered_flops(name):
+  if name not in NAMES:
+    pytest.skip(f'{name} not in the zoo')
+  model, variables = variables_of(name)
+  shape = input_shape(name)
+  masks = random_masks(model, 7, keep_prob=0.4)
+  small_vars = surgery.shrink_variables(model.groups(), variables, masks)
+  small = model.clone(widths=surgery.new_widths(model.widths, masks))
+  masked = costs.flops(model, shape, masks)
+  summ = costs.summary(small, small_vars, shape)
+  assert summ['flops'] == masked
+  assert summ['params'] == costs.count_params(small_vars) < costs.count_params(variables)
+  # all-ones masks cost what the full model costs, more than the masked one.
+  ones = {k: np.ones_like(v) for k, v in masks.items()}
+  assert costs.flops(model, shape, ones) > masked
+
+
+def test_masks_emptying_a_group_raise():
+  model = models.create('resnet8', 10)
+  masks = random_masks(model, 0)
+  masks['stage1'][:] = 0
+  with pytest.raises(ValueError, match='stage1'):
+    costs.flops(model, (32, 32, 3), masks)
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['lenet3', 'resnet8'])
+def test_latency_positive(name):
+  model, variables = variables_of(name)
+  shape = input_shape(name)
+  masks = random_masks(model, 0)
+  for m, v, g in [(model, variables, None), (model, variables, masks),
+                  (model.clone(widths=surgery.new_widths(model.widths, masks)),
+                   surgery.shrink_variables(model.groups(), variables, masks), None)]:
+    t = costs.latency_ms(m, v, g, batch_size=2, input_shape=shape, repeats=3, warmup=1)
+    assert t['repeats'] == 3 and t['batch_size'] == 2
+    for k in ('median', 'p10', 'p90', 'mean', 'min'):
+      assert np.isfinite(t[k]) and t[k] > 0, (k, t)
+    assert t['p10'] <= t['median'] <= t['p90']
