@@ -324,6 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if phase == 'prune':
     bar.set_description('prune')
     freq = c.prune.frequency
+    t_prune = time.time()
 
     def on_step(state):
       if int(state.score_count) < freq:
@@ -368,6 +369,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return new_state, None
 
     state, new_phase = train_until(state, 2**62, 'prune', on_step)
+    extra['prune_wall_s'] = time.time() - t_prune
     phase = 'finetune'
     job.build(job.widths, 'finetune')
     host = jax.device_get(state)
@@ -377,7 +379,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # -- fine-tuning --------------------------------------------------------------------------------
   if phase == 'finetune':
     bar.set_description('finetune')
+    t_finetune = time.time()
     state, _ = train_until(state, extra['prune_end_step'] + job.finetune_steps, 'finetune')
+    extra['finetune_wall_s'] = time.time() - t_finetune
     phase = 'done'
     job.save(state, phase, extra, force=True)
   bar.close()
@@ -393,6 +397,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if c.prune.enabled:
     result['pruned'] = final
     result['history'] = extra['history']
+    # Wall time of the phases as run by the processes that ran them (a resumed run counts the
+    # time after its restart only).
+    result['timing'] = {k: extra[k] for k in ('prune_wall_s', 'finetune_wall_s') if k in extra}
   result['config'] = json.loads(c.to_json_best_effort())
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:

@@ -198,9 +198,9 @@ def check_train_step(name: str, opt: str, seed: int, keep_prob: float):
   state_b, metrics_b = train.make_train_step(small, tx, MESH)(
       train.replicate(MESH, copy_tree(state_b0)), b)
 
-  assert_close(metrics_a['loss'], metrics_b['loss'], 1e-5, f'{name} loss')
-  assert_trees_close(cut_a.params, state_b.params, 1e-5, f'{name} params')
-  assert_trees_close(cut_a.batch_stats, state_b.batch_stats, 1e-5, f'{name} batch_stats')
+  assert_close(metrics_a['loss'], metrics_b['loss'], 1e-4, f'{name} loss')
+  assert_trees_close(cut_a.params, state_b.params, 1e-4, f'{name} params')
+  assert_trees_close(cut_a.batch_stats, state_b.batch_stats, 1e-4, f'{name} batch_stats')
   assert_trees_close(cut_a.opt_state, state_b.opt_state, 1e-4, f'{name} opt_state')
   state_b = jax.device_get(state_b)
   for k in masks:
