@@ -14,8 +14,10 @@ def get_config():
   c = configlib.base_config()
   c.model = 'resnet8'
   c.dataset = 'fashion_mnist'
-  c.train.epochs = 5.0
+  c.train.epochs = 6.0
   c.train.batch_size = 128
+  # Flip only: in a 6-epoch budget random crops cost more accuracy than they win back.
+  c.train.crop_pad = 0
   c.optim.learning_rate = 0.1
   c.optim.weight_decay = 5e-4
 
@@ -24,6 +26,9 @@ def get_config():
   c.prune.frequency = 30
   c.prune.prune_per_iteration = 8
   c.prune.target_flops_reduction = 0.5
+  # XLA's CPU convolutions run odd channel counts far slower (measured: ResNet-8 at -52% FLOPs
+  # with odd widths was 5% faster, aligned to 8 at -41% FLOPs 30% faster).
+  c.prune.align = 8
   c.prune.learning_rate = 0.01
   c.prune.finetune_epochs = 2.0
   c.prune.finetune_learning_rate = 0.02

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 128  # global, split over all devices
   c.train.epochs = 10.0  # baseline training (0: start from init_checkpoint or untrained)
   c.train.augment = True
+  c.train.crop_pad = 4  # pad-and-random-crop of 28/32 px images (0: flip only)
   c.train.limit_examples = ml_collections.FieldReference(None, field_type=int)  # smoke runs
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500

@@ -133,7 +133,7 @@ class _Job:
     self.train_split = input_pipeline.create_split(
         c.dataset, 'train', batch_size=c.train.batch_size, train=True, seed=c.seed,
         data_dir=c.data_dir, image_size=c.image_size, augment=c.train.augment,
-        limit=c.train.limit_examples)
+        limit=c.train.limit_examples, crop_pad=c.train.crop_pad)
     self.info = self.train_split.info
     self.test_split = input_pipeline.create_split(
         c.dataset, 'test', batch_size=c.train.eval_batch_size, train=False, seed=c.seed,

@@ -281,3 +281,12 @@ def test_imagenet_example_processing():
     left, top, right, bottom = ip._random_resized_crop_box(300, 450, rng)
     assert 0 <= left < right <= 450 and 0 <= top < bottom <= 300
     assert (right - left) * (bottom - top) >= 0.08 * 300 * 450 * 0.9
+
+
+def test_crop_pad_zero_is_flip_only(fashion_mnist_data_dir):
+  kw = dict(batch_size=64, train=True, seed=3, data_dir=fashion_mnist_data_dir, limit=256)
+  plain = next(ip.create_split('fashion_mnist', 'train', augment=False, **kw).batches(0))
+  flip = next(ip.create_split('fashion_mnist', 'train', crop_pad=0, **kw).batches(0))
+  same = np.all(flip['image'] == plain['image'], axis=(1, 2, 3))
+  flipped = np.all(flip['image'] == plain['image'][:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same | flipped) and flipped.sum() > 10 and (same & ~flipped).sum() > 10
