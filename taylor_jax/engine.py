@@ -70,49 +70,46 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
   return out
 
 
-def _round_kept(n: int, align: int, lo: int, hi: int) -> int:
-  """``n`` rounded to the nearest multiple of ``align`` within [lo, hi] (hi if none fits)."""
-  if align <= 1 or hi < align:
-    return min(max(n, lo), hi)
-  r = int(math.floor(n / align + 0.5)) * align
-  r = max(r, math.ceil(lo / align) * align)
-  return r if r <= hi else hi
-
-
 def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
                  groups: Sequence[ChannelGroup], full_widths: Mapping[str, int], num_units: int,
                  constraints: Constraints = Constraints()) -> dict[str, np.ndarray]:
-  """Masks with the ``num_units`` lowest-scoring live units removed, ranked globally.
+  """Masks with (about) ``num_units`` of the lowest-scoring live units removed, ranked globally.
 
-  Units whose removal would break a constraint are skipped (the next-lowest goes instead).
-  With ``align > 1`` each group's kept count is then rounded to a multiple of ``align`` and the
-  group keeps its highest-scoring units, so the total removed is approximately ``num_units``.
+  Units whose removal would break a constraint are skipped (the next-lowest goes instead). With
+  ``align = k > 1``, units go in chunks that keep every group's width a multiple of ``k`` (the
+  first chunk of a misaligned group takes it down to the next multiple; groups narrower than
+  ``k`` lose single units): the chunk with the lowest MEAN score goes first, so the ranking stays
+  global, at least ``num_units`` are removed when the constraints allow it, and each group loses
+  its lowest-scoring units.
   """
   new = {k: np.asarray(m, np.float32).copy() for k, m in masks.items()}
-  live = {g.name: int(new[g.name].sum()) for g in groups}
   floor = {g.name: constraints.min_kept(full_widths[g.name]) for g in groups}
-  cand = [(float(np.asarray(scores[g.name])[u]), g.name, int(u))
-          for g in groups if g.prunable for u in np.flatnonzero(new[g.name])]
-  cand.sort()
-  kept = dict(live)
-  removed = 0
-  for _, name, _u in cand:
-    if removed >= num_units:
-      break
-    if kept[name] - 1 < floor[name]:
-      continue
-    kept[name] -= 1
-    removed += 1
+  k = constraints.align
+  # Per prunable group: its live units in increasing score order, and how many are gone.
+  order = {}
   for g in groups:
-    if not g.prunable:
-      continue
-    target = _round_kept(kept[g.name], constraints.align, floor[g.name], live[g.name])
-    if target == live[g.name]:
-      continue
-    alive = np.flatnonzero(new[g.name])
-    order = alive[np.argsort(-np.asarray(scores[g.name], np.float64)[alive], kind='stable')]
-    new[g.name][:] = 0.0
-    new[g.name][np.sort(order[:target])] = 1.0
+    if g.prunable:
+      alive = np.flatnonzero(new[g.name])
+      s = np.asarray(scores[g.name], np.float64)[alive]
+      order[g.name] = alive[np.argsort(s, kind='stable')]
+  taken = {name: 0 for name in order}
+  removed = 0
+  while removed < num_units:
+    best, best_cost, best_chunk = None, None, 0
+    for name, units in order.items():
+      width = units.size - taken[name]
+      chunk = 1 if (k <= 1 or full_widths[name] < k) else (width % k or k)
+      if width - chunk < floor[name]:
+        continue
+      cost = float(np.mean(np.asarray(scores[name], np.float64)[
+          units[taken[name]:taken[name] + chunk]]))
+      if best is None or cost < best_cost:
+        best, best_cost, best_chunk = name, cost, chunk
+    if best is None:
+      break
+    new[best][order[best][taken[best]:taken[best] + best_chunk]] = 0.0
+    taken[best] += best_chunk
+    removed += best_chunk
   return new
 
 
