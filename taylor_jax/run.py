@@ -184,7 +184,7 @@ class _Job:
   def meta(self, phase: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {'phase': phase, 'widths': self.widths, 'num_classes': self.info.num_classes,
             'model': self.config.model, 'input_shape': list(self.input_shape),
-            'config': json.loads(self.config.to_json_best_effort()), **extra}
+            'config': json.loads(self.config.to_json_best_effort()), 'extra': extra}
 
   def save(self, state, phase: str, extra: dict[str, Any], force: bool = False) -> None:
     checkpoint.save(self.mngr, int(state.step), state, self.meta(phase, extra), force=force)
