@@ -1,7 +1,7 @@
 """Benchmark: the same pruning run with surgery between pruning steps vs masked only (the
 reference's way), both from one baseline checkpoint.
 
-  .venv/bin/python experiments/bench_surgery.py [--align 8] [--out experiments/results/bench_surgery.json]
+  .venv/bin/python experiments/bench_surgery.py [--align 1 8] [--baseline_epochs 2]
 
 Reports the wall time of pruning plus fine-tuning and the final latency (batch 1 and 64) of each
 run, and writes them to experiments/results/bench_surgery.{json,md}.
@@ -30,13 +30,16 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'bench_surgery'))
   ap.add_argument('--align', type=int, nargs='*', default=[1])
+  ap.add_argument('--baseline_epochs', type=float, default=None,
+                  help='shorter baseline training (it only seeds the two pruning runs)')
   ap.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                 'bench_surgery.json'))
   args = ap.parse_args()
   import jax
   device = f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
   baseline = os.path.join(args.runs, 'baseline')
-  _main(baseline, '--config=configs/fashion_mnist_resnet8_baseline.py')
+  _main(baseline, '--config=configs/fashion_mnist_resnet8_baseline.py',
+        *([f'--config.train.epochs={args.baseline_epochs}'] if args.baseline_epochs else []))
   rows = []
   for align in args.align:
     for surgery in (True, False):
