@@ -37,6 +37,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from taylor_jax import surgery
+from taylor_jax.models import common as model_common
 
 Shape = Sequence[int]
 
@@ -124,7 +125,8 @@ def _abstract_variables(model, input_shape: Shape):
 def _eval_jaxpr(model, input_shape: Shape):
   variables, x = _abstract_variables(model, input_shape)
   fn = lambda v, xx: model.apply(v, xx, train=False)
-  return jax.make_jaxpr(fn)(variables, x)
+  with model_common.reference_convolutions():  # count the grayscale stem as the conv it is
+    return jax.make_jaxpr(fn)(variables, x)
 
 
 def _surgered(model, masks: Optional[Mapping[str, Any]]):
@@ -182,7 +184,8 @@ def xla_flops(model, variables: Mapping[str, Any], input_shape: Shape,
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   fn = lambda v, xx: model.apply(v, xx, train=False)
   variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
-  lowered = jax.jit(fn).lower(variables, x)
+  with model_common.reference_convolutions():
+    lowered = jax.jit(fn).lower(variables, x)
   return _xla_cost_flops(lowered.compile() if optimized else lowered)
 
 

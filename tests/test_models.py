@@ -274,3 +274,27 @@ def test_masks_change_output_and_ones_are_identity(name):
     half[g.name] = (np.arange(g.width) % 2).astype(np.float32)
     if g.width > 1:
       assert _max_rel_err(f(variables, x, half), y) > 1e-6, g.name
+
+
+@pytest.mark.parametrize('kernel,stride,pad,bias', [(3, 1, 1, False), (5, 1, 0, True),
+                                                    (7, 2, 3, False), (3, 2, 1, True)])
+def test_single_channel_conv_fast_path_equals_lax_conv(kernel, stride, pad, bias):
+  """The grayscale-stem fast path (shifted multiply-adds) computes nn.Conv's output, float64."""
+  import flax.linen as nn
+  from taylor_jax.models import common
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 13, 11, 1), jnp.float64)
+    kw = dict(padding=[(pad, pad), (pad, pad)], use_bias=bias, param_dtype=jnp.float64)
+    fast = common.Conv(4, (kernel, kernel), (stride, stride), **kw)
+    ref = nn.Conv(4, (kernel, kernel), (stride, stride), **kw)
+    variables = ref.init(jax.random.key(1), x)
+    if bias:  # a non-zero bias, so that adding it is checked too
+      variables = jax.tree.map(lambda a: a + 0.5, variables)
+    assert (jax.tree.structure(fast.init(jax.random.key(1), x)) ==
+            jax.tree.structure(variables))
+    want = ref.apply(variables, x)
+    np.testing.assert_allclose(fast.apply(variables, x), want, rtol=0, atol=1e-12)
+    with common.reference_convolutions():
+      jaxpr = jax.make_jaxpr(lambda v: fast.apply(v, x))(variables)
+    assert 'conv_general_dilated' in str(jaxpr)
+    assert 'conv_general_dilated' not in str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))

@@ -9,7 +9,8 @@ where ``gates`` maps group name -> ``(width,)`` multipliers (None: all ones).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import contextlib
+from typing import Any, Iterator, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -48,11 +49,55 @@ def conv_kernel_init():
   return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+_REFERENCE_CONV = [False]
+
+
+@contextlib.contextmanager
+def reference_convolutions() -> Iterator[None]:
+  """Traces :class:`Conv` as plain ``lax.conv`` inside the block, e.g. so that cost counting
+  sees every convolution as one (same parameters and values either way)."""
+  _REFERENCE_CONV.append(True)
+  try:
+    yield
+  finally:
+    _REFERENCE_CONV.pop()
+
+
+class Conv(nn.Conv):
+  """``nn.Conv`` (same parameters, same result) whose one-input-channel case runs as shifted
+  multiply-adds.
+
+  Why: XLA's CPU convolution has a floor of about 2.5 ms per 64x28x28 batch whatever the channel
+  count; for a grayscale stem that floor is most of a pruned ResNet-8's latency, while the
+  ``kh*kw`` broadcast products take 0.25 ms (experiments/bench_latency_widths.py). Only
+  ungrouped, undilated convolutions with explicit padding take this path.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    simple = (inputs.shape[-1] == 1 and self.feature_group_count == 1 and
+              not isinstance(self.padding, str) and self.kernel_dilation in (None, 1) and
+              self.input_dilation in (None, 1) and inputs.ndim == 4)
+    if not simple or _REFERENCE_CONV[-1]:
+      return super().__call__(inputs)
+    kh, kw = self.kernel_size
+    sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else (self.strides or (1, 1))
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, self.features), self.param_dtype)
+    x = jnp.pad(inputs, ((0, 0),) + tuple(tuple(p) for p in self.padding) + ((0, 0),))
+    ho = (x.shape[1] - kh) // sh + 1
+    wo = (x.shape[2] - kw) // sw + 1
+    y = sum(x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] * kernel[i, j, 0]
+            for i in range(kh) for j in range(kw))
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    return y
+
+
 def conv(features: int, kernel: int, stride: int = 1, name: str = None, use_bias: bool = False,
          padding: Any = None) -> nn.Conv:
   pad = kernel // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
-                 use_bias=use_bias, kernel_init=conv_kernel_init(), name=name)
+  return Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
+              use_bias=use_bias, kernel_init=conv_kernel_init(), name=name)
 
 
 # --- slice helpers: paths are module paths inside 'params' / 'batch_stats' -------------------

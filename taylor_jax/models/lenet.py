@@ -48,7 +48,7 @@ class LeNet3(nn.Module):
   def __call__(self, x, gates=None, train: bool = False):
     w = self.widths
     pool = lambda y: nn.max_pool(y, (2, 2), (2, 2))
-    x = C.gate(pool(nn.relu(nn.Conv(w['conv1'], (5, 5), padding='VALID', name='conv1')(x))),
+    x = C.gate(pool(nn.relu(C.Conv(w['conv1'], (5, 5), padding=[(0, 0), (0, 0)], name='conv1')(x))),
                gates, 'conv1')
     x = C.gate(pool(nn.relu(nn.Conv(w['conv2'], (5, 5), padding='VALID', name='conv2')(x))),
                gates, 'conv2')
