@@ -139,6 +139,7 @@ def main():
   fast_warm = (time.perf_counter() - t) * len(batches)
   print(json.dumps({'fast_cold_s': fast_cold, 'fast_warm_s': fast_warm}), flush=True)
 
+  macs = oracle.oracle_macs(model, variables, masks, batches[0], chunk_size=args.chunk_size)
   rng = np.random.default_rng(0)
   sample = {g.name: np.sort(rng.choice(g.width, args.naive_units_per_group, replace=False))
             for g in groups if g.prunable}
@@ -161,6 +162,10 @@ def main():
       'oracle_naive_s_per_unit': naive_per_unit, 'oracle_naive_s_all_units_extrapolated': naive_total,
       'oracle_speedup': naive_total / fast_warm,
       'oracle_speedup_cold_incl_compile': naive_total / fast_cold,
+      'oracle_fast_macs_per_minibatch': macs['fast'], 'oracle_naive_macs_per_minibatch':
+      macs['naive'], 'oracle_mac_bound': macs['bound'],
+      'oracle_mac_bound_note': 'naive / fast conv+dot MACs (oracle.oracle_macs): the speedup '
+                               'prefix reuse gives at equal MACs per second',
       'oracle_max_rel_diff': float(np.max(np.abs(a[big] - b[big]) / b[big])),
       'oracle_max_rel_diff_note': 'over the naively timed units whose score >= 1e-3 x the max '
                                   'score (smaller ones are float32 rounding of L differences)',
@@ -185,6 +190,7 @@ def main():
             f"| oracle fast, cold incl. compile s | {fmt(fast_cold)} | |",
             f"| oracle naive (extrapolated from {n_sample} units) s | {fmt(naive_total)} | |",
             f"| oracle_speedup (warm) | {fmt(res['oracle_speedup'])}x | >= 5x |",
+            f"| oracle MAC bound (naive MACs / fast MACs) | {fmt(res['oracle_mac_bound'])}x | |",
             f"| oracle speedup incl. compile | {fmt(res['oracle_speedup_cold_incl_compile'])}x | |",
             f"| oracle_max_rel_diff (float32) | {res['oracle_max_rel_diff']:.2e} | <= 1e-5 |",
             f"| oracle max abs diff / max score | {res['oracle_max_abs_diff_over_max_score']:.2e} | |",

@@ -117,6 +117,14 @@ def _walk(jaxpr, count_padding: bool, mult: int, out: list) -> None:
       _walk(sub, count_padding, sub_mult, out)
 
 
+def jaxpr_macs(closed_jaxpr, count_padding: bool = True) -> int:
+  """MACs of every conv/dot of a (closed) jaxpr, nested calls included; a ``vmap``-ed op
+  counts its whole batch. Trace models under :func:`model_common.reference_convolutions`."""
+  out: list = []
+  _walk(closed_jaxpr.jaxpr, count_padding, 1, out)
+  return int(sum(m for _, m in out))
+
+
 def _abstract_variables(model, input_shape: Shape):
   x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype))), x

@@ -154,6 +154,37 @@ def oracle_scores(model, variables, masks, batches: Iterable[Mapping[str, Any]],
   return _scores_from_losses(groups_p, masks_np, base, removed, squared)
 
 
+def oracle_macs(model, variables, masks, batch: Mapping[str, Any], chunk_size: int = 64,
+                train: bool = False, groups=None) -> dict[str, int]:
+  """Conv/dot MACs of the oracle of every live unit on one minibatch, counted from the jaxprs.
+
+  Returns ``{'fast': ..., 'naive': ..., 'bound': naive / fast}``: ``fast`` is what
+  :func:`oracle_scores` computes (per group and chunk: the prefix once, the suffix once per unit,
+  padded chunks included), ``naive`` one full forward per unit. ``bound`` is the speedup the
+  prefix reuse can give at equal MACs per second.
+  """
+  from taylor_jax import costs
+  from taylor_jax.models import common
+  groups, masks_np, live, (batch,) = _prepare(model, masks, [batch], groups, None)
+  masks_j = {k: jnp.asarray(v) for k, v in masks_np.items()}
+  key = _Key(model)
+  with common.reference_convolutions():
+    full = costs.jaxpr_macs(jax.make_jaxpr(
+        lambda v, m, b: _mean_loss(model, v, m, b, train))(variables, masks_j, batch))
+    fast = naive = 0
+    for g in groups:
+      n = len(live[g.name])
+      if not n:
+        continue
+      k = min(chunk_size, n)
+      gv = jnp.ones((k, g.width), masks_j[g.name].dtype)
+      call = costs.jaxpr_macs(jax.make_jaxpr(_removed_losses_fn_keyed(key, g.name, train))(
+          variables, masks_j, batch, gv))
+      fast += call * -(-n // k)
+      naive += full * n
+  return {'fast': int(fast), 'naive': int(naive), 'bound': naive / fast}
+
+
 def oracle_naive(model, variables, masks, batches: Iterable[Mapping[str, Any]],
                  squared: bool = False, train: bool = False, groups=None,
                  units: Optional[Mapping[str, Sequence[int]]] = None) -> Scores:

@@ -108,3 +108,21 @@ def test_oracle_subset_of_units():
   np.testing.assert_allclose(got['fc1'][[0, 1, 3]], full['fc1'][[0, 1, 3]], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got['conv2'][5], full['conv2'][5], rtol=1e-6)
   assert full['conv2'][5] > 0
+
+
+def test_oracle_macs_count_prefix_once_and_suffix_per_unit():
+  """LeNet3 by hand: per chunk of k units the layers before the gate run once, those after k
+  times (padded chunks included); the naive loop runs the whole net once per unit."""
+  from taylor_jax import costs
+  model = models.create('lenet3', 10)
+  c1, c2, f1, f2, f3 = [m for _, m in costs.conv_dot_ops(model, (28, 28, 1))]
+  b = 3
+  x = jnp.zeros((b, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  masks = {g.name: np.ones((g.width,), np.float32) for g in model.groups()}
+  got = oracle.oracle_macs(model, variables, masks, {'image': x, 'label': jnp.zeros(b, jnp.int32)},
+                           chunk_size=64)
+  want_fast = b * ((c1 + 16 * (c2 + f1 + f2 + f3)) + (c1 + c2 + 32 * (f1 + f2 + f3)) +
+                   2 * (c1 + c2 + f1 + 64 * (f2 + f3)) + 2 * (c1 + c2 + f1 + f2 + 64 * f3))
+  assert got['fast'] == want_fast
+  assert got['naive'] == b * (16 + 32 + 120 + 84) * (c1 + c2 + f1 + f2 + f3)
