@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian machine: Debian's Fashion-MNIST, a virtual environment from
 # requirements.txt, and the prepared TFDS dataset. Every step is skipped when already done.
+# --test: also the test-only requirements-test.txt (PyTorch), as scripts/run_tests.sh asks.
 set -euo pipefail
+WITH_TEST=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
@@ -25,6 +33,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   echo "$WANT" > "$STAMP"
+fi
+if [ "$WITH_TEST" = 1 ]; then
+  TEST_STAMP=.venv/.requirements-test.sha256
+  TEST_WANT=$(sha256sum requirements-test.txt | cut -d' ' -f1)
+  if [ ! -f "$TEST_STAMP" ] || [ "$(cat "$TEST_STAMP")" != "$TEST_WANT" ]; then
+    echo "[setup] installing requirements-test.txt into .venv"
+    .venv/bin/python -m pip install -q -r requirements-test.txt
+    echo "$TEST_WANT" > "$TEST_STAMP"
+  fi
 fi
 
 # Prepares the project's TFDS builder for Debian's IDX files (no-op when already prepared).
