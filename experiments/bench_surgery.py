@@ -1,7 +1,7 @@
 """Benchmark: the same pruning run with surgery between pruning steps vs masked only (the
 reference's way), both from one baseline checkpoint.
 
-  .venv/bin/python experiments/bench_surgery.py [--align 1 8] [--baseline_epochs 2]
+  .venv/bin/python experiments/bench_surgery.py [--align 8 1] [--baseline_epochs 2]
 
 Reports the wall time of pruning plus fine-tuning and the final latency (batch 1 and 64) of each
 run, and writes them to experiments/results/bench_surgery.{json,md}.
@@ -29,7 +29,7 @@ def _main(workdir, *flags):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'bench_surgery'))
-  ap.add_argument('--align', type=int, nargs='*', default=[1])
+  ap.add_argument('--align', type=int, nargs='*', default=[8])
   ap.add_argument('--baseline_epochs', type=float, default=None,
                   help='shorter baseline training (it only seeds the two pruning runs)')
   ap.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
@@ -44,6 +44,7 @@ def main():
   for align in args.align:
     for surgery in (True, False):
       name = f"{'surgery' if surgery else 'masked'}_align{align}"
+      load_before = os.getloadavg()
       rep = _main(os.path.join(args.runs, name), '--config=configs/default.py',
                   f'--config.train.init_checkpoint={baseline}',
                   f'--config.prune.surgery={surgery}', f'--config.prune.align={align}')
@@ -55,11 +56,14 @@ def main():
                    'flops': rep['pruned']['flops'], 'params': rep['pruned']['params'],
                    'latency_ms_b1': rep['pruned']['latency_ms_b1'],
                    'latency_ms_b64': rep['pruned']['latency_ms_b64'],
-                   'baseline_latency_ms_b64': rep['baseline']['latency_ms_b64']})
+                   'baseline_latency_ms_b64': rep['baseline']['latency_ms_b64'],
+                   # 1-min load averages: the machine is shared; compare runs made at equal load.
+                   'load_average_before': load_before[0], 'load_average_after': os.getloadavg()[0]})
   by = {r['run']: r for r in rows}
   result = {'device': device, 'command': ' '.join(['.venv/bin/python'] + sys.argv),
-            'masked_wall_s': by['masked_align1']['wall_s'] if 'masked_align1' in by else None,
-            'surgery_wall_s': by['surgery_align1']['wall_s'] if 'surgery_align1' in by else None,
+            'align_of_headline': args.align[0],
+            'masked_wall_s': by[f'masked_align{args.align[0]}']['wall_s'],
+            'surgery_wall_s': by[f'surgery_align{args.align[0]}']['wall_s'],
             'runs': rows}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:

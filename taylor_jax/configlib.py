@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 500
   c.train.limit_eval_examples = ml_collections.FieldReference(None, field_type=int)
   c.train.init_checkpoint = ml_collections.FieldReference(None, field_type=str)  # a workdir
+  # A torchvision state dict (.pth, or .npz from taylor_jax.convert) to start from instead of a
+  # baseline: the full-width model's params + BN statistics (taylor_jax/convert.py).
+  c.train.init_torchvision = ml_collections.FieldReference(None, field_type=str)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'sgd'
@@ -43,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.prune = ml_collections.ConfigDict()
   c.prune.enabled = False
+  # 'taylor': iterative pruning by prune.estimator (run.py); others: taylor_jax/methods/, each
+  # with its options under c.prune.<method name> (added below).
+  c.prune.method = 'taylor'
   c.prune.estimator = 'taylor_fo_bn'
   c.prune.estimator_options = ml_collections.ConfigDict()
   c.prune.frequency = 30  # minibatches per pruning step
@@ -64,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.eval_examples = 2000  # test examples evaluated after each pruning step (0: none)
   c.prune.finetune_epochs = 2.0
   c.prune.finetune_learning_rate = 0.02  # cosine from here during fine-tuning
+  # 'step': x optim.decay_factor at each of optim.decay_epochs (counted from the fine-tuning start)
+  c.prune.finetune_schedule = 'cosine'
+
+  _add_method_options(c.prune)
 
   c.report = ml_collections.ConfigDict()
   c.report.latency_repeats = 20
@@ -76,9 +86,43 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _add_method_options(prune: ml_collections.ConfigDict) -> None:
+  """``prune.<method>`` = that registered method's option defaults (see taylor_jax/methods)."""
+  from taylor_jax import methods  # noqa: deferred: registers the method modules
+  for name, options in methods.default_options().items():
+    section = ml_collections.ConfigDict()
+    for key, value in options.items():
+      section[key] = (ml_collections.FieldReference(None, field_type=float) if value is None
+                      else value)
+    prune[name] = section
+
+
 def _check(cond: bool, msg: str) -> None:
   if not cond:
     raise ValueError(f'invalid config: {msg}')
+
+
+def _check_init_torchvision(c: ml_collections.ConfigDict) -> None:
+  """train.init_torchvision: a convertible model, an existing file, torch for a .pth."""
+  path = c.train.init_torchvision
+  if not path:
+    return
+  import os
+  from taylor_jax import convert
+  _check(c.model in convert.CONVERTIBLE,
+         f'train.init_torchvision is set, but model={c.model!r} has no torchvision layout; '
+         f'use one of {list(convert.CONVERTIBLE)}')
+  _check(os.path.isfile(path),
+         f'train.init_torchvision={path!r}: no such file (give a torchvision state dict such as '
+         'resnet50-19c8e357.pth, or an .npz written by `python -m taylor_jax.convert`)')
+  _check(not c.train.init_checkpoint,
+         'set only one of train.init_torchvision and train.init_checkpoint')
+  if not path.endswith('.npz'):
+    import importlib.util
+    _check(importlib.util.find_spec('torch') is not None,
+           f'train.init_torchvision={path!r} needs PyTorch to read (pip install torch==2.13.0), or '
+           f'convert it to .npz where torch is installed: python -m taylor_jax.convert {path} '
+           f'OUT.npz --model={c.model}')
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -96,15 +140,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(c.optim.schedule in ('constant', 'cosine', 'step'),
          f"optim.schedule={c.optim.schedule!r}: use 'constant', 'cosine' or 'step'")
   _check(c.optim.name in ('sgd', 'adam'), f"optim.name={c.optim.name!r}: use 'sgd' or 'adam'")
+  _check_init_torchvision(c)
   p = c.prune
   if p.enabled:
+    from taylor_jax import methods
+    method = methods.get(p.method)
     estimators.get(p.estimator)
     _check(p.frequency >= 1, f'prune.frequency={p.frequency}: must be >= 1')
     _check(p.prune_per_iteration >= 1,
            f'prune.prune_per_iteration={p.prune_per_iteration}: must be >= 1')
     targets = [p.target_flops_reduction, p.target_params_reduction, p.target_keep_share,
                p.target_units]
-    _check(any(t is not None for t in targets),
+    _check(any(t is not None for t in targets) or not method.needs_target,
            'prune.enabled but no target: set one of prune.target_flops_reduction, '
            'prune.target_params_reduction, prune.target_keep_share, prune.target_units')
     for name in ('target_flops_reduction', 'target_params_reduction'):
@@ -118,5 +165,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(p.normalize in ('none', 'l2'), f"prune.normalize={p.normalize!r}: use 'none' or 'l2'")
     _check(p.surgery_every >= 1, f'prune.surgery_every={p.surgery_every}: must be >= 1')
     _check(p.finetune_epochs >= 0, f'prune.finetune_epochs={p.finetune_epochs}: must be >= 0')
+    _check(p.finetune_schedule in ('constant', 'cosine', 'step'),
+           f"prune.finetune_schedule={p.finetune_schedule!r}: use 'constant', 'cosine' or 'step'")
     from taylor_jax.engine import Constraints
     Constraints(p.min_width, p.max_share, p.align)
+    if method.validate is not None:
+      method.validate(c)

@@ -48,8 +48,9 @@ def plot(result: dict[str, Any], path: str) -> None:
              label='test accuracy (subset, %)')
     ax2.axhline(result['baseline']['test_accuracy'] * 100, color='C1', ls=':', lw=1)
     ax2.set_ylabel('test accuracy on subset (%); dotted: baseline', color='C1')
-  ax.set_title(f"{result['config']['model']} / {result['config']['dataset']}: "
-               f"{result['config']['prune']['estimator']} pruning")
+  prune = result['config']['prune']
+  how = prune['estimator'] if prune.get('method', 'taylor') == 'taylor' else prune['method']
+  ax.set_title(f"{result['config']['model']} / {result['config']['dataset']}: {how} pruning")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from taylor_jax import checkpoint, configlib, costs, engine, estimators, models, report, surgery
+from taylor_jax import checkpoint, configlib, costs, engine, estimators, methods, models, report
+from taylor_jax import surgery
 from taylor_jax import train
 from taylor_jax.data import input_pipeline
 
@@ -164,12 +165,13 @@ class _Job:
       optim.learning_rate, optim.schedule, optim.warmup_epochs = c.prune.learning_rate, 'constant', 0.
     else:
       optim.learning_rate, optim.schedule, optim.warmup_epochs = (
-          c.prune.finetune_learning_rate, 'cosine', 0.)
+          c.prune.finetune_learning_rate, c.prune.get('finetune_schedule', 'cosine'), 0.)
     return train.create_optimizer(optim, self.spe, max(self.finetune_steps, 1))
 
   def build(self, widths, phase: str) -> None:
     self.widths = dict(widths)
-    self.model = models.create(self.config.model, self.info.num_classes, self.widths)
+    self.model = models.create(self.config.model, self.info.num_classes, self.widths,
+                               input_shape=self.input_shape)
     self.groups = self.model.groups()
     self.tx = self.tx_for(phase)
     self.train_step = train.make_train_step(
@@ -177,7 +179,8 @@ class _Job:
     self.eval_step = train.make_eval_step(self.model, self.mesh)
 
   def fresh_state(self, widths, phase: str, seed: int):
-    model = models.create(self.config.model, self.info.num_classes, widths)
+    model = models.create(self.config.model, self.info.num_classes, widths,
+                          input_shape=self.input_shape)
     variables = model.init(jax.random.key(seed), np.zeros((1,) + self.input_shape, np.float32))
     return train.create_train_state(variables, self.tx_for(phase), widths=widths)
 
@@ -187,6 +190,13 @@ class _Job:
             'config': json.loads(self.config.to_json_best_effort()), 'extra': extra}
 
   def save(self, state, phase: str, extra: dict[str, Any], force: bool = False) -> None:
+    if force:
+      # A phase boundary that took no step (SNIP, 0 fine-tuning epochs, ...) lands on the step of
+      # the previous checkpoint, and orbax refuses two saves at one step: the new one replaces it
+      # (killed in between, the run resumes from the one before and redoes the phase).
+      self.mngr.wait_until_finished()
+      if int(state.step) in self.mngr.all_steps():
+        self.mngr.delete(int(state.step))
     checkpoint.save(self.mngr, int(state.step), state, self.meta(phase, extra), force=force)
 
   def evaluate(self, state, split) -> dict[str, float]:
@@ -221,13 +231,88 @@ class _Job:
       epoch, k = epoch + 1, 0
 
 
+def _method_context(job: _Job, state, full_flops: int, full_params: int,
+                    full_units: int) -> methods.MethodContext:
+  """What a registered method gets from the job (see taylor_jax/methods/__init__.py)."""
+  c = job.config
+  has_target = any(c.prune[k] is not None for k in (
+      'target_flops_reduction', 'target_params_reduction', 'target_keep_share', 'target_units'))
+
+  def costs_fn(model, masks):
+    small = model.clone(widths=surgery.new_widths(model.widths, masks))
+    shapes = jax.eval_shape(lambda: small.init(jax.random.key(0),
+                                               np.zeros((1,) + job.input_shape, np.float32)))
+    return {'flops': costs.flops(small, job.input_shape),
+            'params': costs.count_params(shapes['params'])}
+
+  def target_reached(model, masks):
+    if not has_target:
+      return False
+    cst = costs_fn(model, masks)
+    return _target_reached(c, full_units, methods.units_kept(model.groups(), masks),
+                           cst['flops'] / full_flops, cst['params'] / full_params)
+
+  def evaluate(model, host_state):
+    if job.prune_eval_split is None:
+      return None
+    return train.evaluate(train.make_eval_step(model, job.mesh),
+                          train.replicate(job.mesh, host_state), job.mesh,
+                          job.prune_eval_split.batches(0))
+
+  return methods.MethodContext(
+      config=c, workdir=job.workdir, model=job.model, state=jax.device_get(state),
+      full_widths=job.full_widths, constraints=job.constraints, input_shape=job.input_shape,
+      num_classes=job.info.num_classes, steps_per_epoch=job.spe,
+      train_size=job.train_split.num_examples, mesh=job.mesh, full_flops=full_flops,
+      full_params=full_params, batches=job.batches_from, evaluate=evaluate, costs=costs_fn,
+      target_reached=target_reached, log=lambda rec: _log_metrics(job.workdir, rec))
+
+
+def _run_method(job: _Job, state, extra: dict[str, Any], full_flops: int, full_params: int,
+                full_units: int):
+  """The 'prune' phase of a registered method: one call, then on to 'finetune' as after the
+  'taylor' engine (fresh optimizer, checkpoint). Returns the replicated fine-tuning state."""
+  t0 = time.time()
+  method = methods.get(job.config.prune.method)
+  res = method.fn(_method_context(job, state, full_flops, full_params, full_units))
+  widths = dict(res.model.widths)
+  host = jax.device_get(res.state)
+  # Normalise the per-unit bookkeeping to the new widths so the checkpoint restores from them.
+  ones = {k: np.ones((w,), np.float32) for k, w in widths.items()}
+  zeros = {k: np.zeros((w,), np.float32) for k, w in widths.items()}
+  job.build(widths, 'finetune')
+  host = host.replace(masks=ones, score_sum=zeros, score_ema=dict(zeros),
+                      score_count=np.zeros((), np.int32),
+                      prune_steps=np.asarray(len(res.history), np.int32),
+                      opt_state=job.tx.init(host.params))
+  for rec in res.history:
+    _log_metrics(job.workdir, {'phase': 'prune_step', **rec})
+  extra['history'].extend(res.history)
+  extra['method'] = {'name': method.name, **res.extra}
+  extra['prune_end_step'] = int(host.step)
+  extra['prune_wall_s'] = time.time() - t0
+  state = train.replicate(job.mesh, host)
+  job.save(state, 'finetune', extra, force=True)
+  return state
+
+
+def _init_from_torchvision(job: _Job):
+  """A fresh full-width state whose params + BN statistics come from train.init_torchvision."""
+  from taylor_jax import convert  # noqa: deferred, torch is optional
+  c, w = job.config, job.full_widths
+  variables = convert.convert(c.model, c.train.init_torchvision, job.info.num_classes)
+  job.build(w, 'baseline')
+  # No model.init: un-jitted random initialisation of a full ImageNet model takes ~25 s on CPU.
+  return train.create_train_state(variables, job.tx, widths=w)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the main job in ``workdir``; returns the report dict."""
   configlib.validate(config)
   c = config
   info = input_pipeline.dataset_info(c.dataset, c.data_dir, c.image_size)
   input_shape = tuple(info.image_shape)
-  full_model = models.create(c.model, info.num_classes)
+  full_model = models.create(c.model, info.num_classes, input_shape=input_shape)
   full_flops = costs.flops(full_model, input_shape)
   full_params = costs.count_params(jax.eval_shape(
       lambda: full_model.init(jax.random.key(0), np.zeros((1,) + input_shape)))['params'])
@@ -261,6 +346,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state = fresh.replace(params=base.params, batch_stats=base.batch_stats)
       phase = 'baseline_done'
       job.build(w, 'baseline')
+    elif c.train.get('init_torchvision'):
+      state, phase = _init_from_torchvision(job), 'baseline_done'
     else:
       phase = 'baseline'
       job.build(job.full_widths, phase)
@@ -319,6 +406,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state = train.replicate(job.mesh, jax.device_get(state).replace(
           opt_state=job.tx.init(jax.device_get(state.params))))
     job.save(state, phase, extra, force=True)
+
+  # -- a registered method's pruning (taylor_jax/methods) -------------------------------------------
+  if phase == 'prune' and c.prune.method != methods.TAYLOR:
+    bar.set_description(c.prune.method)
+    state = _run_method(job, state, extra, full_flops, full_params, full_units)
+    phase = 'finetune'
 
   # -- iterative pruning ---------------------------------------------------------------------------
   if phase == 'prune':
@@ -400,6 +493,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Wall time of the phases as run by the processes that ran them (a resumed run counts the
     # time after its restart only).
     result['timing'] = {k: extra[k] for k in ('prune_wall_s', 'finetune_wall_s') if k in extra}
+    if 'method' in extra:
+      result['method'] = extra['method']
   result['config'] = json.loads(c.to_json_best_effort())
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:
@@ -418,7 +513,8 @@ def restore(workdir: str):
   if meta is None:
     raise FileNotFoundError(f'{workdir} holds no checkpoint (expected {workdir}/checkpoints)')
   cfg = ml_collections.ConfigDict(meta['config'])
-  model = models.create(meta['model'], meta['num_classes'], meta['widths'])
+  model = models.create(meta['model'], meta['num_classes'], meta['widths'],
+                        input_shape=meta['input_shape'])
   input_shape = tuple(meta['input_shape'])
 
   def template():

@@ -4,7 +4,7 @@ pruned model is the same class with smaller widths; see :mod:`taylor_jax.models.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from taylor_jax.models.cifar_resnet import CifarResNet
 from taylor_jax.models.densenet import DenseNet
@@ -57,9 +57,16 @@ def full_widths(name: str) -> dict[str, int]:
 
 
 def create(name: str, num_classes: int, widths: Optional[Mapping[str, int]] = None,
-           axis_name: Optional[str] = None, **overrides: Any):
-  """Builds zoo model ``name`` with ``widths`` (default: unpruned)."""
+           axis_name: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
+           **overrides: Any):
+  """Builds zoo model ``name`` with ``widths`` (default: unpruned).
+
+  ``input_shape`` (one example, e.g. ``(32, 32, 3)``) sets ``image_size`` for the models whose
+  channel groups depend on it (LeNet3: the flatten before fc1); others ignore it.
+  """
   cls, kwargs = _lookup(name)
+  if input_shape is not None and 'image_size' in getattr(cls, '__dataclass_fields__', {}):
+    overrides = {'image_size': int(input_shape[0]), **overrides}
   widths = dict(full_widths(name) if widths is None else widths)
   missing = set(full_widths(name)) - set(widths)
   if missing:

@@ -1,0 +1,41 @@
+"""Cascaded Projection (Minnehan & Savakis, CVPR 2019): ResNet-20 on Fashion-MNIST, >= 40% fewer
+FLOPs by learnt orthonormal projections inside the residual blocks, then fine-tuning.
+
+  python -m taylor_jax.main --config=configs/fashion_mnist_resnet20_cascaded_projection.py \\
+      --workdir=runs/fmnist_r20_cap40
+
+60% fewer FLOPs:
+  python -m taylor_jax.main --config=configs/fashion_mnist_resnet20_cascaded_projection.py \\
+      --workdir=runs/fmnist_r20_cap60 --config.prune.target_flops_reduction=0.6
+
+Skip the baseline training with a trained ResNet-20 (configs/fashion_mnist_baseline.py):
+  --config.train.init_checkpoint=runs/fmnist_r20
+
+Phases: baseline (train.epochs) -> projections (prune.cascaded_projection.steps SGD steps on the
+projections, taylor_jax/methods/cascaded_projection.py) -> surgery -> fine-tuning
+(prune.finetune_epochs). Options: --config.prune.cascaded_projection.{placement,init,rank_rule,
+steps,learning_rate,recon_weight,train_weights,...}.
+"""
+
+from taylor_jax import configlib
+
+
+def get_config():
+  c = configlib.base_config()
+  c.model = 'resnet20'
+  c.dataset = 'fashion_mnist'
+  c.train.epochs = 15.0
+
+  c.prune.enabled = True
+  c.prune.method = 'cascaded_projection'
+  c.prune.target_flops_reduction = 0.4
+  c.prune.finetune_epochs = 3.0
+  c.prune.finetune_learning_rate = 0.02
+  cap = c.prune.cascaded_projection
+  cap.placement = 'pre'
+  cap.init = 'select'
+  cap.rank_rule = 'uniform'
+  cap.steps = 400
+  cap.learning_rate = 0.01
+  cap.recon_weight = 1.0
+  return c

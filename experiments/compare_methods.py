@@ -1,0 +1,242 @@
+"""The CVPR'19 methods side by side on Fashion-MNIST ResNet-20: methods x FLOPs reductions x seeds.
+
+Every run is the main job (``python -m taylor_jax.main``) with a method's config
+(``configs/fashion_mnist_resnet20_<method>.py``). Methods that start from a trained network
+(taylor_fo_bn, bn_scale_grad, kernel_budget, cascaded_projection) share ONE baseline per seed
+(``configs/fashion_mnist_baseline.py``, ``--epochs``) through ``train.init_checkpoint`` and then
+fine-tune for ``--finetune_epochs``; SNIP and variational train from scratch for the same total,
+``epochs + finetune_epochs`` (SNIP: all of it after pruning at init; variational: all but one
+epoch (at most) of variational training, then that epoch of fine-tuning).
+
+Resumable: a run whose workdir holds report.json is skipped; an unfinished one is re-run with the
+same command, which resumes from its last checkpoint. Wall time per run (summed over the
+invocations that ran it) is kept in ``<workdir>/wall_s.json``.
+
+Writes ``<results_dir>/methods_comparison.csv`` (``method,flops_reduction,seed,test_accuracy,
+params,flops,latency_ms_b64,wall_s``; the baselines as method ``baseline``, reduction 0),
+``methods_comparison.md`` (mean and spread over seeds, and the exact command) and
+``methods_comparison.png`` (test accuracy vs FLOPs).
+
+The full comparison (about 2 CPU-days on the 2-core machine at ~300 images/s; fewer epochs or
+``--limit_examples`` for less)::
+
+  python experiments/compare_methods.py --epochs=15 --finetune_epochs=3
+
+A smoke run::
+
+  python experiments/compare_methods.py --methods=snip --reductions=0.4 --seeds=0 --epochs=0.1 \\
+      --finetune_epochs=0.1 --limit_examples=1024 --runs_dir=/tmp/cmp --results_dir=/tmp/cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FROM_TRAINED = ('taylor_fo_bn', 'bn_scale_grad', 'kernel_budget', 'cascaded_projection')
+FROM_SCRATCH = ('snip', 'variational')
+ALL = ('taylor_fo_bn', 'bn_scale_grad', 'variational', 'snip', 'kernel_budget',
+       'cascaded_projection')
+COLUMNS = ('method', 'flops_reduction', 'seed', 'test_accuracy', 'params', 'flops',
+           'latency_ms_b64', 'wall_s')
+
+
+def available_methods(requested):
+  """``requested`` without the methods that have no config or registration here."""
+  from taylor_jax import methods as registry
+  names = set(registry.names())
+  out = []
+  for m in requested:
+    registered = m in names or m in ('taylor_fo_bn', 'bn_scale_grad')
+    if registered and os.path.exists(os.path.join(ROOT, config_path(m))):
+      out.append(m)
+    else:
+      print(f'skipping {m}: not registered or no {config_path(m)}', file=sys.stderr)
+  return out
+
+
+def config_path(method: str) -> str:
+  return f'configs/fashion_mnist_resnet20_{method}.py'
+
+
+def common_flags(args, seed: int) -> list[str]:
+  flags = [f'--config.seed={seed}']
+  if args.limit_examples:
+    flags.append(f'--config.train.limit_examples={args.limit_examples}')
+  if args.limit_eval_examples:
+    flags.append(f'--config.train.limit_eval_examples={args.limit_eval_examples}')
+  if args.data_dir:
+    flags.append(f'--config.data_dir={args.data_dir}')
+  return flags + [f'--config.{o}' for o in args.override]
+
+
+def baseline_command(args, seed: int, workdir: str) -> list[str]:
+  return ['--config=configs/fashion_mnist_baseline.py', f'--workdir={workdir}',
+          f'--config.train.epochs={args.epochs}', *common_flags(args, seed)]
+
+
+def method_command(args, method: str, reduction: float, seed: int, workdir: str,
+                   baseline_dir: str) -> list[str]:
+  cmd = [f'--config={config_path(method)}', f'--workdir={workdir}',
+         f'--config.prune.target_flops_reduction={reduction}', *common_flags(args, seed)]
+  total = args.epochs + args.finetune_epochs
+  if method in FROM_TRAINED:
+    cmd += [f'--config.train.init_checkpoint={baseline_dir}',
+            f'--config.prune.finetune_epochs={args.finetune_epochs}']
+  elif method == 'snip':
+    cmd += ['--config.train.epochs=0', f'--config.prune.finetune_epochs={total}']
+  elif method == 'variational':
+    tune = min(1.0, args.finetune_epochs)
+    cmd += ['--config.train.epochs=0', f'--config.prune.variational.epochs={total - tune}',
+            f'--config.prune.finetune_epochs={tune}']
+  return cmd
+
+
+def run_main(flags: list[str], workdir: str, log) -> None:
+  """Runs (or resumes) one main job unless it has finished; adds its wall time."""
+  if os.path.exists(os.path.join(workdir, 'report.json')):
+    return
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [sys.executable, '-m', 'taylor_jax.main', *flags]
+  log.write(shlex.join(['python', '-m', 'taylor_jax.main', *flags]) + '\n')
+  log.flush()
+  print('running:', shlex.join(cmd[1:]), flush=True)
+  t0 = time.time()
+  with open(os.path.join(workdir, 'main.log'), 'a') as out:
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=out,
+                          stderr=subprocess.STDOUT)
+  wall_file = os.path.join(workdir, 'wall_s.json')
+  prev = json.load(open(wall_file))['wall_s'] if os.path.exists(wall_file) else 0.0
+  with open(wall_file, 'w') as f:
+    json.dump({'wall_s': prev + time.time() - t0}, f)
+  if proc.returncode != 0:
+    raise RuntimeError(f'{shlex.join(cmd[1:])} failed (exit {proc.returncode}); see '
+                       f'{workdir}/main.log. Re-running this script resumes it.')
+
+
+def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dict:
+  with open(os.path.join(workdir, 'report.json')) as f:
+    rep = json.load(f)
+  r = rep[key]
+  wall_file = os.path.join(workdir, 'wall_s.json')
+  wall = json.load(open(wall_file))['wall_s'] if os.path.exists(wall_file) else float('nan')
+  return {'method': method, 'flops_reduction': reduction, 'seed': seed,
+          'test_accuracy': r['test_accuracy'], 'params': r['params'], 'flops': r['flops'],
+          'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall,
+          '_full_flops': rep['baseline']['flops']}
+
+
+def _mean_spread(values):
+  if len(values) == 1:
+    return values[0], 0.0
+  return statistics.mean(values), statistics.stdev(values)
+
+
+def markdown(rows, command: str, args) -> str:
+  lines = ['# CVPR\'19 methods on Fashion-MNIST ResNet-20', '',
+           f'Command: `{command}`', '',
+           f'Budget: baseline {args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs '
+           f'(from-scratch methods: {args.epochs + args.finetune_epochs} epochs in all)'
+           + (f', {args.limit_examples} training examples' if args.limit_examples else '')
+           + '. Mean +- standard deviation over seeds; FLOPs are MACs of one example; wall time '
+           'of the run itself (the shared baseline not included).', '',
+           '| method | target | seeds | test accuracy (%) | FLOPs reduction (%) | params | '
+           'latency b64 (ms) | wall (s) |', '|---|---|---|---|---|---|---|---|']
+  keys = sorted({(r['method'], r['flops_reduction']) for r in rows},
+                key=lambda k: (k[1], k[0] != 'baseline', k[0]))
+  for method, red in keys:
+    rs = [r for r in rows if r['method'] == method and r['flops_reduction'] == red]
+    acc = _mean_spread([100 * r['test_accuracy'] for r in rs])
+    fr = _mean_spread([100 * (1 - r['flops'] / r['_full_flops']) for r in rs])
+    par = statistics.mean(r['params'] for r in rs)
+    lat = _mean_spread([r['latency_ms_b64'] for r in rs])
+    wall = statistics.mean(r['wall_s'] for r in rs)
+    lines.append(f'| {method} | {red:.0%} | {len(rs)} | {acc[0]:.2f} +- {acc[1]:.2f} | '
+                 f'{fr[0]:.1f} +- {fr[1]:.1f} | {par:,.0f} | {lat[0]:.2f} +- {lat[1]:.2f} | '
+                 f'{wall:.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(rows, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, method in enumerate(sorted({r['method'] for r in rows})):
+    pts = {}
+    for r in rows:
+      if r['method'] == method:
+        pts.setdefault(r['flops_reduction'], []).append(r)
+    xs, ys, xe, ye = [], [], [], []
+    for red in sorted(pts):
+      f = _mean_spread([r['flops'] / 1e6 for r in pts[red]])
+      a = _mean_spread([100 * r['test_accuracy'] for r in pts[red]])
+      xs.append(f[0]), xe.append(f[1]), ys.append(a[0]), ye.append(a[1])
+    style = {'fmt': 'k*'} if method == 'baseline' else {'fmt': 'o-', 'color': f'C{i}'}
+    ax.errorbar(xs, ys, xerr=xe, yerr=ye, ms=7, capsize=3, label=method, **style)
+  ax.set_xlabel('FLOPs (M MACs per example)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title('Fashion-MNIST ResNet-20: accuracy vs FLOPs (mean +- std over seeds)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--methods', default=','.join(ALL))
+  p.add_argument('--reductions', default='0.4,0.6')
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--epochs', type=float, default=15.0, help='baseline training epochs')
+  p.add_argument('--finetune_epochs', type=float, default=3.0)
+  p.add_argument('--limit_examples', type=int, default=None, help='training examples used')
+  p.add_argument('--limit_eval_examples', type=int, default=None)
+  p.add_argument('--data_dir', default=None)
+  p.add_argument('--override', action='append', default=[],
+                 help='extra config override for every run, e.g. --override=train.batch_size=64')
+  p.add_argument('--runs_dir', default=os.path.join(ROOT, 'runs', 'compare_methods'))
+  p.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
+  args = p.parse_args(argv)
+  command = shlex.join(['python', 'experiments/compare_methods.py', *(argv or sys.argv[1:])])
+  methods = available_methods([m for m in args.methods.split(',') if m])
+  reductions = [float(r) for r in args.reductions.split(',')]
+  seeds = [int(s) for s in args.seeds.split(',')]
+  os.makedirs(args.runs_dir, exist_ok=True)
+  os.makedirs(args.results_dir, exist_ok=True)
+  rows = []
+  with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
+    for seed in seeds:
+      base = os.path.join(args.runs_dir, f'baseline_s{seed}')
+      if any(m in FROM_TRAINED for m in methods):
+        run_main(baseline_command(args, seed, base), base, log)
+        rows.append(row('baseline', 0.0, seed, base, 'baseline'))
+      for method in methods:
+        for red in reductions:
+          wd = os.path.join(args.runs_dir, f'{method}_r{round(red * 100)}_s{seed}')
+          run_main(method_command(args, method, red, seed, wd, base), wd, log)
+          rows.append(row(method, red, seed, wd, 'pruned'))
+  csv_path = os.path.join(args.results_dir, 'methods_comparison.csv')
+  with open(csv_path, 'w', newline='') as f:
+    w = csv.DictWriter(f, COLUMNS, extrasaction='ignore')
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(args.results_dir, 'methods_comparison.md'), 'w') as f:
+    f.write(markdown(rows, command, args))
+  plot(rows, os.path.join(args.results_dir, 'methods_comparison.png'))
+  print(open(os.path.join(args.results_dir, 'methods_comparison.md')).read())
+
+
+if __name__ == '__main__':
+  main()

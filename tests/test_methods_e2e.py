@@ -1,0 +1,61 @@
+"""The CVPR'19 methods end to end in small (ResNet-8, a few hundred Fashion-MNIST images, a few
+steps), from their configs/fashion_mnist_resnet20_*.py: config -> main job (run.run, what
+``python -m taylor_jax.main`` calls) -> report with fewer FLOPs. Variational: test_variational_e2e.py
+(kept apart so that each file stays short)."""
+
+import os
+
+import pytest
+
+from taylor_jax import configlib, models, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {'model': 'resnet8', 'train.limit_examples': 256, 'train.batch_size': 64,
+        'train.limit_eval_examples': 200, 'train.eval_batch_size': 200,
+        'train.log_every_steps': 4, 'prune.eval_examples': 0, 'report.latency_repeats': 1,
+        'prune.finetune_epochs': 0.5, 'prune.align': 8, 'prune.prune_per_iteration': 8,
+        'prune.target_flops_reduction': 0.3}
+
+
+def config_from(path, data_dir, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in {**TINY, 'data_dir': data_dir, **overrides}.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  configlib.validate(c)
+  return c
+
+
+def check_report(result, target):
+  b, p = result['baseline'], result['pruned']
+  assert p['flops'] <= (1 - target) * b['flops']
+  assert p['params'] < b['params']
+  assert sum(p['widths'].values()) < sum(models.full_widths('resnet8').values())
+  assert len(result['history']) >= 1
+  assert 0.0 <= p['test_accuracy'] <= 1.0
+
+
+@pytest.mark.parametrize('method, overrides', [
+    ('snip', {}),
+    ('kernel_budget', {'train.epochs': 0.5, 'prune.kernel_budget.num_batches': 2}),
+    # The seed notes' criterion, by name, in the iterative engine (one big pruning step).
+    ('bn_scale_grad', {'train.epochs': 0.5, 'prune.frequency': 2,
+                       'prune.prune_per_iteration': 48}),
+])
+def test_method_runs_to_a_smaller_network(tmp_path, fashion_mnist_data_dir, method, overrides):
+  c = config_from(f'configs/fashion_mnist_resnet20_{method}.py', fashion_mnist_data_dir, **overrides)
+  result = run.run(c, str(tmp_path))
+  check_report(result, 0.3)
+  assert os.path.exists(tmp_path / 'report.md')
+  if method == 'bn_scale_grad':
+    assert result['config']['prune']['estimator'] == 'bn_scale_grad'
+  else:
+    assert result['method']['name'] == method
