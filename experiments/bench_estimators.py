@@ -95,6 +95,8 @@ def main():
   ap.add_argument('--naive_units_per_group', type=int, default=2)
   ap.add_argument('--skip_steps', action='store_true')
   ap.add_argument('--skip_oracle', action='store_true')
+  ap.add_argument('--macs_only', action='store_true',
+                  help='only count the oracle MACs (fast vs naive), write oracle_mac_bound.json')
   args = ap.parse_args()
 
   model = models.create('resnet20', 10)
@@ -110,6 +112,19 @@ def main():
          'data': data_source, 'weights': 'He-normal init (untrained), BN at identity',
          'load_average_start': os.getloadavg()}
 
+  if args.macs_only:
+    n, bs = args.oracle_examples, args.oracle_batch
+    macs = oracle.oracle_macs(model, variables, masks,
+                              {'image': images[:bs], 'label': labels[:bs]},
+                              chunk_size=args.chunk_size)
+    out = {'command': res['command'], 'model': 'resnet20', 'minibatch': bs,
+           'chunk_size': args.chunk_size, 'oracle_fast_macs_per_minibatch': macs['fast'],
+           'oracle_naive_macs_per_minibatch': macs['naive'], 'oracle_mac_bound': macs['bound']}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, 'oracle_mac_bound.json'), 'w') as f:
+      json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=1))
+    return
   if not args.skip_steps:
     batch = {'image': images[:128], 'label': labels[:128]}
     times, compile_s = time_steps(model, variables, masks, batch, args.rounds,
