@@ -17,20 +17,11 @@ projections, taylor_jax/methods/cascaded_projection.py) -> surgery -> fine-tunin
 steps,learning_rate,recon_weight,train_weights,...}.
 """
 
-from taylor_jax import configlib
+from configs import _fashion_mnist_resnet20
 
 
 def get_config():
-  c = configlib.base_config()
-  c.model = 'resnet20'
-  c.dataset = 'fashion_mnist'
-  c.train.epochs = 15.0
-
-  c.prune.enabled = True
-  c.prune.method = 'cascaded_projection'
-  c.prune.target_flops_reduction = 0.4
-  c.prune.finetune_epochs = 3.0
-  c.prune.finetune_learning_rate = 0.02
+  c = _fashion_mnist_resnet20.get_config('cascaded_projection')
   cap = c.prune.cascaded_projection
   cap.placement = 'pre'
   cap.init = 'select'

@@ -22,24 +22,15 @@ report's 'method' entry lists each group's redundancy and budget; measured accur
 other methods in experiments/results/methods_comparison.md.
 """
 
-from taylor_jax import configlib
+from configs import _fashion_mnist_resnet20
 
 
 def get_config():
-  c = configlib.base_config()
-  c.model = 'resnet20'
-  c.dataset = 'fashion_mnist'
-  c.train.epochs = 15.0
-
-  c.prune.enabled = True
-  c.prune.method = 'kernel_budget'
-  c.prune.target_flops_reduction = 0.4
+  c = _fashion_mnist_resnet20.get_config('kernel_budget')
   c.prune.prune_per_iteration = 8
   c.prune.align = 8  # CPU convolutions run odd channel counts slowly (experiments/README.md)
   kb = c.prune.kernel_budget
   kb.statistic = 'effective_rank'
   kb.criterion = 'taylor_fo_bn'
   kb.num_batches = 16
-  c.prune.finetune_epochs = 3.0
-  c.prune.finetune_learning_rate = 0.02
   return c

@@ -19,23 +19,8 @@ about a point of the baseline's test accuracy; the measured numbers of the compa
 experiments/results/methods_comparison.md.
 """
 
-from taylor_jax import configlib
+from configs import _fashion_mnist_resnet20
 
 
 def get_config():
-  c = configlib.base_config()
-  c.model = 'resnet20'
-  c.dataset = 'fashion_mnist'
-  c.train.epochs = 15.0
-
-  c.prune.enabled = True
-  c.prune.method = 'taylor'
-  c.prune.estimator = 'taylor_fo_bn'
-  c.prune.target_flops_reduction = 0.4
-  c.prune.frequency = 30
-  c.prune.prune_per_iteration = 8
-  c.prune.align = 8  # CPU convolutions run odd channel counts slowly (experiments/README.md)
-  c.prune.learning_rate = 0.01
-  c.prune.finetune_epochs = 3.0
-  c.prune.finetune_learning_rate = 0.02
-  return c
+  return _fashion_mnist_resnet20.taylor_config('taylor_fo_bn')
