@@ -6,19 +6,9 @@ import pytest
 
 from taylor_jax import configlib, run
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
 
-def _config(**overrides):
-  c = configlib.base_config()
-  c.model = 'resnet8'
-  c.prune.enabled = True
-  c.prune.target_flops_reduction = 0.4
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+_config = helpers.pruning_config
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -13,6 +13,10 @@ from jax.extend import core as jcore
 
 from taylor_jax import costs, models, surgery
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
+random_masks = helpers.random_masks
+
 NAMES = models.names()
 CIFAR = {'lenet3', 'resnet8', 'resnet20', 'resnet56', 'preact_resnet18', 'vgg16_bn'}
 
@@ -30,18 +34,6 @@ def variables_of(name: str):
   model = models.create(name, 10)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + input_shape(name)))
   return model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def random_masks(model, seed: int, keep_prob: float = 0.5) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  masks = {}
-  for g in model.groups():
-    m = np.ones(g.width, np.float32)
-    if g.prunable:
-      m = (rng.random(g.width) < keep_prob).astype(np.float32)
-      m[rng.integers(g.width)] = 1.0
-    masks[g.name] = m
-  return masks
 
 
 # --- parameters --------------------------------------------------------------------------------

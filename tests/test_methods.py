@@ -19,6 +19,10 @@ from taylor_jax.methods import kernel_budget as KB
 from taylor_jax.methods import snip as SN
 from taylor_jax.methods import variational as V
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
+_config = helpers.pruning_config
+
 WIDTHS = {'stage1': 4, 'stage1.block0': 3, 'stage2': 5, 'stage2.block0': 4, 'stage3': 6,
           'stage3.block0': 3}
 
@@ -250,20 +254,6 @@ def test_masks_from_budgets_remove_lowest_scores():
 
 
 # --- registry and config errors ---------------------------------------------------------------------
-
-def _config(**overrides):
-  c = configlib.base_config()
-  c.model = 'resnet8'
-  c.prune.enabled = True
-  c.prune.target_flops_reduction = 0.4
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
 
 def test_registry_lists_the_methods():
   assert {'taylor', 'variational', 'snip', 'kernel_budget'} <= set(methods.names())

@@ -20,6 +20,10 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from taylor_jax import models, surgery, train
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
+random_masks = helpers.random_masks
+
 NAMES = models.names()
 # Big models: fewer examples (each example compiles the surgered network anew).
 BIG = {'resnet34', 'resnet50', 'resnet101', 'densenet121', 'vgg11_bn', 'preact_resnet18',
@@ -76,19 +80,6 @@ def setup(name: str):
 
   variables = jax.tree_util.tree_map_with_path(randomise, variables)
   return model, variables
-
-
-def random_masks(model, seed: int, keep_prob: float) -> dict[str, np.ndarray]:
-  """0/1 masks: prunable groups keep each unit with ``keep_prob`` (>= 1 kept), others whole."""
-  rng = np.random.default_rng(seed)
-  masks = {}
-  for g in model.groups():
-    m = np.ones(g.width, np.float32)
-    if g.prunable:
-      m = (rng.random(g.width) < keep_prob).astype(np.float32)
-      m[rng.integers(g.width)] = 1.0
-    masks[g.name] = m
-  return masks
 
 
 def batch(name: str, seed: int, shape=None) -> dict[str, np.ndarray]:
