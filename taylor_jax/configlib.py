@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.target_params_reduction = ml_collections.FieldReference(None, field_type=float)
   c.prune.target_keep_share = ml_collections.FieldReference(None, field_type=float)
   c.prune.target_units = ml_collections.FieldReference(None, field_type=int)
+  # FLOPs/params targets: the last step may overshoot by at most this share of the full cost
+  # when some chunk allows it (taylor_jax.engine.prune_lowest); aligned chunks are coarse.
+  c.prune.target_tolerance = 0.05
   c.prune.max_pruning_iterations = 1000
   c.prune.ema_momentum = 0.9
   c.prune.normalize = 'none'  # 'none' | 'l2' (per-group L2 normalisation of period means)
@@ -161,6 +164,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f'prune.target_keep_share={p.target_keep_share}: must be in (0, 1)')
     _check(p.target_units is None or p.target_units >= 1,
            f'prune.target_units={p.target_units}: must be >= 1')
+    _check(0 <= p.target_tolerance < 1,
+           f'prune.target_tolerance={p.target_tolerance}: must be in [0, 1) (a share of the '
+           'full FLOPs or parameters)')
     _check(0 <= p.ema_momentum < 1, f'prune.ema_momentum={p.ema_momentum}: must be in [0, 1)')
     _check(p.normalize in ('none', 'l2'), f"prune.normalize={p.normalize!r}: use 'none' or 'l2'")
     _check(p.surgery_every >= 1, f'prune.surgery_every={p.surgery_every}: must be >= 1')

@@ -165,6 +165,12 @@ def flops(model, input_shape: Shape, masks: Optional[Mapping[str, Any]] = None,
   return int(sum(m for _, m in conv_dot_ops(model, input_shape, masks, count_padding)))
 
 
+def params(model, input_shape: Shape, masks: Optional[Mapping[str, Any]] = None) -> int:
+  """Parameters of ``model`` (with ``masks``: of the surgered model), from its widths alone."""
+  variables, _ = _abstract_variables(_surgered(model, masks), input_shape)
+  return count_params(variables)
+
+
 def _xla_cost_flops(stage) -> float:
   """'flops' of XLA's HloCostAnalysis of a ``Lowered`` (module as emitted) or ``Compiled``
   (optimised module) stage."""

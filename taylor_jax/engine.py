@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -70,9 +70,33 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
   return out
 
 
+def _chunk_candidates(scores, order, taken, full_widths, floor, k) -> list[tuple[float, str, int]]:
+  """``(mean score, group, chunk size)`` of every chunk the constraints allow next, lowest first."""
+  out = []
+  for name, units in order.items():
+    width = units.size - taken[name]
+    chunk = 1 if (k <= 1 or full_widths[name] < k) else (width % k or k)
+    if width - chunk < floor[name]:
+      continue
+    mean = float(np.mean(np.asarray(scores[name], np.float64)[
+        units[taken[name]:taken[name] + chunk]]))
+    out.append((mean, name, chunk))
+  out.sort(key=lambda c: c[0])
+  return out
+
+
+def _masks_after(masks, order, taken) -> dict[str, np.ndarray]:
+  new = {k: np.asarray(m, np.float32).copy() for k, m in masks.items()}
+  for name, t in taken.items():
+    new[name][order[name][:t]] = 0.0
+  return new
+
+
 def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
                  groups: Sequence[ChannelGroup], full_widths: Mapping[str, int], num_units: int,
-                 constraints: Constraints = Constraints()) -> dict[str, np.ndarray]:
+                 constraints: Constraints = Constraints(),
+                 excess: Optional[Callable[[Mapping[str, np.ndarray]], float]] = None,
+                 tolerance: float = 0.0) -> dict[str, np.ndarray]:
   """Masks with (about) ``num_units`` of the lowest-scoring live units removed, ranked globally.
 
   Units whose removal would break a constraint are skipped (the next-lowest goes instead). With
@@ -81,36 +105,70 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
   ``k`` lose single units): the chunk with the lowest MEAN score goes first, so the ranking stays
   global, at least ``num_units`` are removed when the constraints allow it, and each group loses
   its lowest-scoring units.
+
+  Cost targets (FLOPs, parameters): ``excess(masks)`` is how far ``masks`` are from the target
+  (> 0: not reached; e.g. FLOPs ratio - (1 - target)) and decreases as units go. The step stops
+  at the first chunk that reaches the target. If that chunk overshoots by more than
+  ``tolerance`` (a wide aligned chunk in an early layer can remove a fifth of the FLOPs at
+  once), the lowest-scoring chunk that lands within ``[-tolerance, 0]`` goes instead; if none
+  does, the lowest-scoring chunk that falls short (the next step goes on from there), else the
+  one that overshoots least.
   """
-  new = {k: np.asarray(m, np.float32).copy() for k, m in masks.items()}
   floor = {g.name: constraints.min_kept(full_widths[g.name]) for g in groups}
   k = constraints.align
   # Per prunable group: its live units in increasing score order, and how many are gone.
   order = {}
   for g in groups:
     if g.prunable:
-      alive = np.flatnonzero(new[g.name])
+      alive = np.flatnonzero(np.asarray(masks[g.name]))
       s = np.asarray(scores[g.name], np.float64)[alive]
       order[g.name] = alive[np.argsort(s, kind='stable')]
   taken = {name: 0 for name in order}
-  removed = 0
+  removed, sequence = 0, []  # sequence: the greedy chunks, in the order they go
   while removed < num_units:
-    best, best_cost, best_chunk = None, None, 0
-    for name, units in order.items():
-      width = units.size - taken[name]
-      chunk = 1 if (k <= 1 or full_widths[name] < k) else (width % k or k)
-      if width - chunk < floor[name]:
-        continue
-      cost = float(np.mean(np.asarray(scores[name], np.float64)[
-          units[taken[name]:taken[name] + chunk]]))
-      if best is None or cost < best_cost:
-        best, best_cost, best_chunk = name, cost, chunk
-    if best is None:
+    cands = _chunk_candidates(scores, order, taken, full_widths, floor, k)
+    if not cands:
       break
-    new[best][order[best][taken[best]:taken[best] + best_chunk]] = 0.0
-    taken[best] += best_chunk
-    removed += best_chunk
-  return new
+    _, name, chunk = cands[0]
+    taken[name] += chunk
+    removed += chunk
+    sequence.append((name, chunk))
+  if excess is None or excess(_masks_after(masks, order, taken)) > 0:
+    return _masks_after(masks, order, taken)
+
+  # The target is reached within this step: keep the shortest greedy prefix that does not reach
+  # it (bisection; excess falls along the sequence), then choose the last chunk.
+  def taken_after(n):
+    t = {name: 0 for name in order}
+    for name, chunk in sequence[:n]:
+      t[name] += chunk
+    return t
+
+  lo, hi = 0, len(sequence)  # excess(prefix lo) > 0 (or lo == 0), excess(prefix hi) <= 0
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if excess(_masks_after(masks, order, taken_after(mid))) > 0:
+      lo = mid
+    else:
+      hi = mid
+  if lo == 0 and excess(masks) <= 0:
+    return _masks_after(masks, order, taken_after(0))
+  taken = taken_after(lo)
+  trials = []  # (excess after, name, chunk) in score order
+  for _, name, chunk in _chunk_candidates(scores, order, taken, full_widths, floor, k):
+    t = dict(taken)
+    t[name] += chunk
+    e = excess(_masks_after(masks, order, t))
+    trials.append((e, name, chunk))
+    if -tolerance - 1e-12 <= e <= 0:
+      break
+  if not trials:
+    return _masks_after(masks, order, taken)
+  in_band = [t for t in trials if -tolerance - 1e-12 <= t[0] <= 0]
+  short = [t for t in trials if t[0] > 0]
+  pick = in_band[0] if in_band else short[0] if short else max(trials, key=lambda t: t[0])
+  taken[pick[1]] += pick[2]
+  return _masks_after(masks, order, taken)
 
 
 def removable_units(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int],

@@ -88,6 +88,20 @@ def _units_this_step(config, full_units: int, kept_units: int) -> int:
   return max(n, 0)
 
 
+def _target_excess(config, model, input_shape, full_flops: int, full_params: int):
+  """``masks -> cost ratio - (1 - target)`` (> 0: target not reached) for a FLOPs or parameter
+  target of ``model`` (the current, possibly surgered one); None for unit targets, which
+  ``_units_this_step`` meets exactly."""
+  p = config.prune
+  if p.target_flops_reduction is not None:
+    return lambda masks: (costs.flops(model, input_shape, masks) / full_flops
+                          - (1.0 - p.target_flops_reduction))
+  if p.target_params_reduction is not None:
+    return lambda masks: (costs.params(model, input_shape, masks) / full_params
+                          - (1.0 - p.target_params_reduction))
+  return None
+
+
 def _check_target_feasible(config, groups, full_widths, constraints, model, input_shape,
                            full_flops, full_params) -> None:
   """Refuses, before any training, targets the constraints cannot reach."""
@@ -112,8 +126,7 @@ def _check_target_feasible(config, groups, full_widths, constraints, model, inpu
       best = 1 - costs.flops(small_model, input_shape) / full_flops
       what, want = 'FLOPs', p.target_flops_reduction
     else:
-      v = jax.eval_shape(lambda: small_model.init(jax.random.key(0), np.zeros((1,) + input_shape)))
-      best = 1 - costs.count_params(v['params']) / full_params
+      best = 1 - costs.params(small_model, input_shape) / full_params
       what, want = 'parameters', p.target_params_reduction
     if best < want:
       raise ValueError(
@@ -314,8 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   input_shape = tuple(info.image_shape)
   full_model = models.create(c.model, info.num_classes, input_shape=input_shape)
   full_flops = costs.flops(full_model, input_shape)
-  full_params = costs.count_params(jax.eval_shape(
-      lambda: full_model.init(jax.random.key(0), np.zeros((1,) + input_shape)))['params'])
+  full_params = costs.params(full_model, input_shape)
   if c.prune.enabled:  # refuse unreachable targets before any data is read or file written
     _check_target_feasible(c, full_model.groups(), models.full_widths(c.model),
                            engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align),
@@ -430,7 +442,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       # Surgery drops removed units from widths and masks, so live units == sum of masks.
       kept = sum(int(masks[g.name].sum()) for g in job.groups if g.prunable)
       n = _units_this_step(c, full_units, kept)
-      new_masks = engine.prune_lowest(ema, masks, job.groups, job.full_widths, n, job.constraints)
+      new_masks = engine.prune_lowest(
+          ema, masks, job.groups, job.full_widths, n, job.constraints,
+          excess=_target_excess(c, job.model, job.input_shape, full_flops, full_params),
+          tolerance=c.prune.target_tolerance)
       host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
                           score_ema={k: np.asarray(v) for k, v in ema.items()},
                           score_sum=jax.device_get(train.zeros_like_masks(new_masks)),

@@ -109,3 +109,76 @@ def test_min_kept_respects_every_constraint():
   assert engine.Constraints(align=8).min_kept(6) == 1  # narrower than k: left unaligned
   with pytest.raises(ValueError, match='min_width'):
     engine.Constraints(min_width=0)
+
+
+def _flops_excess(model, target):
+  from taylor_jax import costs
+  full = costs.flops(model, (28, 28, 1))
+  return lambda masks: costs.flops(model, (28, 28, 1), masks) / full - (1.0 - target)
+
+
+def _single_chunk_options(scores, masks, groups, widths, c, excess):
+  """Brute force: excess after removing each allowed next chunk from ``masks`` (one group's
+  lowest-scoring live units, down to the next multiple of align)."""
+  out = []
+  for g in groups:
+    alive = np.flatnonzero(masks[g.name])
+    chunk = 1 if c.align <= 1 or widths[g.name] < c.align else (alive.size % c.align or c.align)
+    if alive.size - chunk < c.min_kept(widths[g.name]):
+      continue
+    m = {k: v.copy() for k, v in masks.items()}
+    m[g.name][alive[np.argsort(scores[g.name][alive], kind='stable')[:chunk]]] = 0
+    out.append(excess(m))
+  return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), target=st.floats(0.2, 0.7), tol=st.sampled_from([0.0, 0.03, 0.1]))
+def test_cost_target_stops_within_tolerance_when_a_chunk_allows_it(seed, target, tol):
+  model = models.create('resnet8', 10)
+  groups, widths = model.groups(), dict(model.widths)
+  scores = _random_scores(widths, seed)
+  c = engine.Constraints(align=8)
+  excess = _flops_excess(model, target)
+  # Far more units than the target needs: only the target can stop the step.
+  new = engine.prune_lowest(scores, _ones(widths), groups, widths, 10_000, c, excess, tol)
+  # Brute force: plain greedy one chunk at a time, up to the last state short of the target.
+  before = _ones(widths)
+  while True:
+    nxt = engine.prune_lowest(scores, before, groups, widths, 1, c)
+    if excess(nxt) <= 0 or all(np.array_equal(nxt[k], before[k]) for k in nxt):
+      break
+    before = nxt
+  assert all(np.all(new[k] <= before[k]) for k in new)  # the greedy prefix goes
+  removed_after_prefix = sum(int(before[k].sum() - new[k].sum()) for k in new)
+  assert removed_after_prefix <= 8  # then exactly one more chunk (or none)
+  options = _single_chunk_options(scores, before, groups, widths, c, excess)
+  e = excess(new)
+  if any(-tol - 1e-12 <= o <= 0 for o in options):
+    assert -tol - 1e-12 <= e <= 0
+  elif any(o > 0 for o in options):
+    assert e > 0  # falls short; the next pruning step goes on
+  elif options:
+    assert e == max(options)  # every option overshoots: the least
+
+
+def test_cost_target_prefers_an_in_band_chunk_to_a_wide_early_one():
+  """The default run's last step: the lowest-scoring chunk (half of stage 1's mid layer, ~19% of
+  the FLOPs) would overshoot a 40% target from -38%; a stage-3 chunk lands within 5 points."""
+  model = models.create('resnet8', 10)
+  groups, widths = model.groups(), dict(model.widths)
+  excess = _flops_excess(model, 0.4)
+  masks = _ones(widths)
+  # Widths 16/16/24/16/48/24: the default run before its last step, at -38.5% FLOPs.
+  for name, keep in {'stage2': 24, 'stage2.block0': 16, 'stage3': 48, 'stage3.block0': 24}.items():
+    masks[name][keep:] = 0
+  assert 0 < excess(masks) < 0.02
+  scores = {k: np.full(w, 10.0, np.float32) for k, w in widths.items()}
+  scores['stage1.block0'][:] = 0.1  # lowest: greedy takes 8 of its 16 units
+  scores['stage3.block0'][:] = 1.0
+  c = engine.Constraints(align=8)
+  greedy = engine.prune_lowest(scores, masks, groups, widths, 8, c, excess, tolerance=1.0)
+  assert greedy['stage1.block0'].sum() == 8 and excess(greedy) < -0.1
+  new = engine.prune_lowest(scores, masks, groups, widths, 8, c, excess, tolerance=0.05)
+  assert new['stage1.block0'].sum() == 16 and new['stage3.block0'].sum() == 16
+  assert -0.05 <= excess(new) <= 0
