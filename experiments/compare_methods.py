@@ -133,7 +133,28 @@ def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dic
   return {'method': method, 'flops_reduction': reduction, 'seed': seed,
           'test_accuracy': r['test_accuracy'], 'params': r['params'], 'flops': r['flops'],
           'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall,
-          '_full_flops': rep['baseline']['flops']}
+          '_full_flops': rep['baseline']['flops'], '_widths': r.get('widths'),
+          '_model': rep['config']['model']}
+
+
+def remeasure_latency(rows, repeats: int = 30) -> None:
+  """Replaces every row's batch-64 latency by one measured here, in one process, one width set
+  after another (min over 3 medians of ``repeats``): the runs' own latencies were taken while
+  other jobs shared the CPU. Latency depends on the widths only, so random weights are used."""
+  import jax
+  import jax.numpy as jnp
+  from taylor_jax import costs, models
+  cache = {}
+  for r in rows:
+    widths = r['_widths'] or models.full_widths(r['_model'])  # the baseline's: full widths
+    key = (r['_model'], tuple(sorted(widths.items())))
+    if key not in cache:
+      model = models.create(r['_model'], 10, dict(widths))
+      shape = (28, 28, 1)
+      variables = jax.jit(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1,) + shape)))()
+      cache[key] = min(costs.latency_ms(model, variables, None, 64, shape, repeats=repeats)['median']
+                       for _ in range(3))
+    r['latency_ms_b64'] = cache[key]
 
 
 def _mean_spread(values):
@@ -149,7 +170,10 @@ def markdown(rows, command: str, args) -> str:
            f'(from-scratch methods: {args.epochs + args.finetune_epochs} epochs in all)'
            + (f', {args.limit_examples} training examples' if args.limit_examples else '')
            + '. Mean +- standard deviation over seeds; FLOPs are MACs of one example; wall time '
-           'of the run itself (the shared baseline not included).', '',
+           'of the run itself (the shared baseline not included). Latency: '
+           + ('every width set re-timed after the runs, one after another in one process '
+              '(--remeasure_latency; min over 3 medians of 30 batch-64 forwards)'
+              if args.remeasure_latency else 'as measured at the end of each run') + '.', '',
            '| method | target | seeds | test accuracy (%) | FLOPs reduction (%) | params | '
            'latency b64 (ms) | wall (s) |', '|---|---|---|---|---|---|---|---|']
   keys = sorted({(r['method'], r['flops_reduction']) for r in rows},
@@ -206,6 +230,8 @@ def main(argv=None):
   p.add_argument('--data_dir', default=None)
   p.add_argument('--override', action='append', default=[],
                  help='extra config override for every run, e.g. --override=train.batch_size=64')
+  p.add_argument('--remeasure_latency', action='store_true',
+                 help='re-time every result\'s widths here, one after another (quiet machine)')
   p.add_argument('--runs_dir', default=os.path.join(ROOT, 'runs', 'compare_methods'))
   p.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
   args = p.parse_args(argv)
@@ -227,6 +253,8 @@ def main(argv=None):
           wd = os.path.join(args.runs_dir, f'{method}_r{round(red * 100)}_s{seed}')
           run_main(method_command(args, method, red, seed, wd, base), wd, log)
           rows.append(row(method, red, seed, wd, 'pruned'))
+  if args.remeasure_latency:
+    remeasure_latency(rows)
   csv_path = os.path.join(args.results_dir, 'methods_comparison.csv')
   with open(csv_path, 'w', newline='') as f:
     w = csv.DictWriter(f, COLUMNS, extrasaction='ignore')

@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.report = ml_collections.ConfigDict()
   c.report.latency_repeats = 20
+  c.report.latency_rounds = 5  # rounds over the nets compared; the least disturbed round counts
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # jax.distributed.initialize before anything else

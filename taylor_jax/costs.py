@@ -240,23 +240,49 @@ def latency_ms(model, variables: Mapping[str, Any], masks: Optional[Mapping[str,
     ``{'median': ..., 'p10': ..., 'p90': ..., 'mean': ..., 'min': ..., 'batch_size': ...,
     'repeats': ...}`` (milliseconds per batch).
   """
-  fn = jax.jit(lambda v, g, xx: model.apply(v, xx, gates=g, train=False))
+  return compare_latency({'net': (model, variables, masks)}, batch_size, input_shape,
+                         repeats=repeats, rounds=1, warmup=warmup)['net']
+
+
+def compare_latency(nets: Mapping[str, tuple[Any, Mapping[str, Any], Optional[Mapping[str, Any]]]],
+                    batch_size: int, input_shape: Shape, repeats: int = 20, rounds: int = 3,
+                    warmup: int = 3) -> dict[str, dict[str, float]]:
+  """Latencies of several networks measured under the same conditions, for ratios.
+
+  ``nets``: name -> ``(model, variables, masks or None)``. Every network is compiled and warmed
+  up first; then ``rounds`` rounds each time every network in turn (``repeats`` synchronised
+  calls), so load that comes and goes hits all of them alike. Per network: the statistics of the
+  round with the lowest median (the least disturbed), in ms per batch, plus ``round_medians``.
+  """
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (batch_size,) + tuple(input_shape)).astype(np.float32))
-  variables = jax.device_put(variables)
-  gates = None if masks is None else jax.device_put(
-      {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()})
-  for _ in range(max(1, warmup)):
-    jax.block_until_ready(fn(variables, gates, x))
-  times = []
-  for _ in range(max(1, repeats)):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, gates, x))
-    times.append((time.perf_counter() - t0) * 1e3)
-  t = np.asarray(times)
-  return {'median': float(np.median(t)), 'p10': float(np.percentile(t, 10)),
-          'p90': float(np.percentile(t, 90)), 'mean': float(t.mean()), 'min': float(t.min()),
-          'batch_size': int(batch_size), 'repeats': int(t.size)}
+  calls = {}
+  for name, (model, variables, masks) in nets.items():
+    fn = jax.jit(lambda v, g, xx, m=model: m.apply(v, xx, gates=g, train=False))
+    gates = None if masks is None else jax.device_put(
+        {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()})
+    args = (jax.device_put(variables), gates, x)
+    for _ in range(max(1, warmup)):
+      jax.block_until_ready(fn(*args))
+    calls[name] = (fn, args)
+  per_round: dict[str, list[np.ndarray]] = {name: [] for name in nets}
+  for _ in range(max(1, rounds)):
+    for name, (fn, args) in calls.items():
+      times = []
+      for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+      per_round[name].append(np.asarray(times))
+  out = {}
+  for name, rs in per_round.items():
+    medians = [float(np.median(t)) for t in rs]
+    t = rs[int(np.argmin(medians))]
+    out[name] = {'median': float(np.median(t)), 'p10': float(np.percentile(t, 10)),
+                 'p90': float(np.percentile(t, 90)), 'mean': float(t.mean()),
+                 'min': float(t.min()), 'batch_size': int(batch_size), 'repeats': int(t.size),
+                 'round_medians': medians}
+  return out
 
 
 def summary(model, variables: Mapping[str, Any], input_shape: Shape) -> dict[str, int]:

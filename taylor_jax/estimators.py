@@ -254,6 +254,19 @@ def _params_tree(params) -> dict:
   return {'params': params}
 
 
+def gate_grads_from_norm(groups: Sequence[ChannelGroup], params, param_grads) -> Scores:
+  """``dL/dz`` of every ``gate_after_norm`` group from its BatchNorm's gradients.
+
+  ``z * (gamma * xhat + beta)`` gives ``dL/dz = sum_{b,h,w} dL/dy (gamma xhat + beta) =
+  gamma dL/dgamma + beta dL/dbeta`` where ``z = 1`` (the BN gradients carry a factor ``z``, so
+  pruned units get 0 here instead of their gate gradient; scores of pruned units are zeroed
+  anyway). Costs a few ``(width,)`` products instead of a reduction over the activations.
+  """
+  after_norm = [g for g in groups if g.gate_after_norm]
+  return per_unit_sum(after_norm, (_params_tree(params), _params_tree(param_grads)),
+                      lambda w, g: w * g, roles=('norm',), leaves=('scale', 'bias'))
+
+
 def _require_slices(ctx: 'ScoreContext', roles, leaves, what: str) -> None:
   for g in ctx.groups:
     if not any(s.role in roles and s.path[-1] in leaves for s in g.slices):

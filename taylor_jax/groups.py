@@ -66,6 +66,10 @@ class ChannelGroup:
       stream), ``'neuron'`` (dense units), or ``'concat'`` (DenseNet feature channels).
     gate: where the gate multiplies the activations (for humans and reports).
     prunable: False for groups the model keeps whole (pruning them is refused).
+    gate_after_norm: the gate multiplies the output of the group's one BatchNorm directly
+      (``z * (gamma * xhat + beta)``), so at a live unit (``z = 1``)
+      ``dL/dz = gamma * dL/dgamma + beta * dL/dbeta`` and the train step gets the gate gradient
+      from the BN gradients it computes anyway (:func:`taylor_jax.estimators.gate_grads_from_norm`).
   """
 
   name: str
@@ -74,6 +78,7 @@ class ChannelGroup:
   kind: str
   gate: str
   prunable: bool = True
+  gate_after_norm: bool = False
 
 
 def get_path(tree: Mapping[str, Any], path: Path) -> Any:

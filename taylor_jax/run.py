@@ -223,17 +223,28 @@ class _Job:
     return {'params': costs.count_params(variables['params']),
             'flops': costs.flops(small, self.input_shape)}
 
-  def latency(self, state) -> dict[str, float]:
+  def latencies(self, state, with_full: bool = False):
+    """``(current, full)``: batch-1 and batch-64 latency (ms) of the current network and, with
+    ``with_full``, of the unpruned architecture timed in turn with it (costs.compare_latency),
+    so that their ratio is not skewed by load that differs between two moments of the run.
+    Latency depends on the widths only: the unpruned one runs with freshly initialised weights."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     masks = jax.device_get(state.masks)
     # A surgered network (all gates 1) runs without gates: that is what deployment runs.
     gates = None if all(np.all(np.asarray(m) == 1) for m in masks.values()) else masks
-    out = {}
+    nets = {'current': (self.model, variables, gates)}
+    if with_full:
+      full = self.model.clone(widths=dict(self.full_widths))
+      x = np.zeros((1,) + tuple(self.input_shape), np.float32)
+      nets['full'] = (full, jax.jit(lambda: full.init(jax.random.key(0), x))(), None)
+    out = {name: {} for name in nets}
     for b in (1, 64):
-      lat = costs.latency_ms(self.model, variables, gates, b, self.input_shape,
-                             repeats=self.config.report.latency_repeats)
-      out[f'latency_ms_b{b}'] = lat['median']
-    return out
+      lat = costs.compare_latency(nets, b, self.input_shape,
+                                  repeats=self.config.report.latency_repeats,
+                                  rounds=self.config.report.latency_rounds)
+      for name in nets:
+        out[name][f'latency_ms_b{b}'] = lat[name]['median']
+    return out['current'], out.get('full')
 
   # -- training over a step range ----------------------------------------------------------------
   def batches_from(self, step: int):
@@ -407,7 +418,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ev = job.evaluate(state, job.test_split)
       extra['baseline'] = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
                            'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
-                           **job.latency(state), 'step': int(state.step),
+                           'step': int(state.step),
                            'wall_s': time.time() - job.wall_start}
       _log_metrics(workdir, {'step': int(state.step), 'phase': 'baseline_eval', **ev})
       logging.info('baseline: %s', extra['baseline'])
@@ -497,12 +508,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # -- report -------------------------------------------------------------------------------------
   ev = job.evaluate(state, job.test_split)
+  latency, full_latency = job.latencies(state, with_full=c.prune.enabled)
   final = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
            'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
-           **job.latency(state), 'step': int(state.step), 'widths': job.widths}
+           **latency, 'step': int(state.step), 'widths': job.widths}
   _log_metrics(workdir, {'step': int(state.step), 'phase': 'final_eval', **ev})
   result = {'baseline': extra.get('baseline', final)}
   if c.prune.enabled:
+    # Baseline latency: the unpruned architecture, timed in turn with the pruned one just now.
+    result['baseline'] = {**result['baseline'], **full_latency}
     result['pruned'] = final
     result['history'] = extra['history']
     # Wall time of the phases as run by the processes that ran them (a resumed run counts the

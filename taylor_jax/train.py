@@ -5,8 +5,9 @@ mesh of all devices (what ``jax.pmap`` lowers to today): every device gets its s
 global batch, BatchNorm synchronises batch statistics over ``data`` (so N devices compute what
 one device computes on the whole batch), and gradients are ``pmean``-ed. The pruning masks are
 part of the state and enter the forward pass as the gates of :mod:`taylor_jax.groups`; the
-gradient with respect to the gates comes out of the same backward pass, so an importance
-estimator can accumulate its scores inside the step for almost nothing.
+gradient with respect to the gates comes out of the same backward pass (for a gate right after
+a BatchNorm, from that BN's scale and bias gradients), so an importance estimator can accumulate
+its scores inside the step for almost nothing.
 """
 
 from __future__ import annotations
@@ -133,21 +134,28 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
   """
   sync_model = model.clone(axis_name=DATA_AXIS)
   groups = tuple(model.groups()) if groups is None else tuple(groups)
+  after_norm = {g.name for g in groups if g.gate_after_norm}
 
   def per_device(state: TrainState, batch):
     ctx = est_lib.ScoreContext(sync_model, groups, state.params, state.batch_stats, state.masks,
                                batch, train=True, axis_name=DATA_AXIS, step=state.step)
 
-    def loss_fn(params, gates):
+    # Gates right after a BN get dL/dz from the BN gradients (estimators.gate_grads_from_norm);
+    # only the others are differentiated, which saves a reduction over their activations.
+    fixed_gates = {k: v for k, v in state.masks.items() if k in after_norm}
+    diff_gates = {k: v for k, v in state.masks.items() if k not in after_norm}
+
+    def loss_fn(params, diff_gates):
       logits, updates = sync_model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], gates=gates,
-          train=True, mutable=['batch_stats'])
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+          gates={**fixed_gates, **diff_gates}, train=True, mutable=['batch_stats'])
       loss = jnp.mean(est_lib.cross_entropy(logits, batch['label']))
       return loss, (logits, updates['batch_stats'])
 
     (loss, (logits, batch_stats)), (grads, gate_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.masks)
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, diff_gates)
     grads, gate_grads, batch_stats = jax.lax.pmean((grads, gate_grads, batch_stats), DATA_AXIS)
+    gate_grads = {**gate_grads, **est_lib.gate_grads_from_norm(groups, state.params, grads)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

@@ -206,3 +206,17 @@ def test_latency_positive(name):
     for k in ('median', 'p10', 'p90', 'mean', 'min'):
       assert np.isfinite(t[k]) and t[k] > 0, (k, t)
     assert t['p10'] <= t['median'] <= t['p90']
+
+
+def test_compare_latency_times_every_net_in_rounds():
+  small = models.create('resnet8', 10, widths={k: max(1, w // 2) for k, w in
+                                               models.full_widths('resnet8').items()})
+  big = models.create('resnet8', 10)
+  x = jnp.zeros((1, 28, 28, 1))
+  nets = {n: (m, jax.jit(m.init)(jax.random.key(0), x), None)
+          for n, m in (('small', small), ('big', big))}
+  out = costs.compare_latency(nets, 4, (28, 28, 1), repeats=3, rounds=2, warmup=1)
+  for name in nets:
+    r = out[name]
+    assert len(r['round_medians']) == 2 and r['repeats'] == 3
+    assert r['median'] == min(r['round_medians']) and r['min'] <= r['median'] <= r['p90']

@@ -13,6 +13,8 @@ import pytest
 from taylor_jax import estimators as E
 from taylor_jax import models, train
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
+
 TINY_ITEMS = (('stage1', 4), ('stage1.block0', 3), ('stage2', 5), ('stage2.block0', 4),
               ('stage3', 6), ('stage3.block0', 3))
 TINY = {'stage1': 4, 'stage1.block0': 3, 'stage2': 5, 'stage2.block0': 4, 'stage3': 6,
@@ -361,3 +363,62 @@ def test_custom_estimator_by_name_in_train_step():
                                np.asarray(g) ** 2 * np.asarray(masks[k]), rtol=2e-4, atol=1e-10)
   with pytest.raises(ValueError, match='unknown estimator'):
     E.get('no_such_estimator')
+
+
+# --- gate gradients from BatchNorm gradients (what the train step uses) -------------------------
+
+def _quarter(name):
+  return {k: max(1, w // 4) for k, w in models.full_widths(name).items()}
+
+
+@pytest.mark.parametrize('name,shape,widths', [
+    ('resnet8', (2, 8, 8, 1), dict(TINY)), ('resnet20', (2, 16, 16, 3), None),
+    ('vgg16_bn', (2, 32, 32, 3), None), ('resnet18', (2, 64, 64, 3), 'quarter'),
+    ('resnet50', (2, 64, 64, 3), 'quarter'), ('vgg11_bn', (2, 32, 32, 3), 'quarter')])
+def test_gate_grads_from_norm_equal_autodiff_at_live_units(x64, name, shape, widths):
+  """Every group flagged ``gate_after_norm`` satisfies dL/dz = gamma g_gamma + beta g_beta at
+  live units (so a wrong flag in a model fails here); the flagged groups are the BN'd channels."""
+  model = models.create(name, 10, widths=_quarter(name) if widths == 'quarter' else widths)
+  groups = model.groups()
+  flagged = {g.name for g in groups if g.gate_after_norm}
+  assert flagged == {g.name for g in groups if g.kind == 'channel'}
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape))
+  v = random_variables(model, x, 3)
+  masks = {k: jnp.asarray(m, jnp.float64) for k, m in helpers.random_masks(model, 3, 0.7).items()}
+  ctx = E.ScoreContext(model, groups, v['params'], v['batch_stats'], masks,
+                       {'image': x, 'label': jnp.arange(shape[0]) % 10}, train=True)
+  gp, gz = jax.jit(jax.grad(ctx.loss, argnums=(0, 1)))(ctx.params, masks)
+  derived = E.gate_grads_from_norm(groups, ctx.params, gp)
+  assert set(derived) == flagged
+  for k in flagged:
+    live = np.asarray(masks[k]) > 0
+    np.testing.assert_allclose(np.asarray(derived[k])[live], np.asarray(gz[k])[live],
+                               rtol=1e-9, atol=1e-14, err_msg=f'{name} {k}')
+
+
+def test_models_without_bn_after_gate_flag_nothing():
+  for name in ('lenet3', 'preact_resnet18', 'densenet121'):
+    assert not any(g.gate_after_norm for g in models.create(name, 10).groups()), name
+
+
+def test_train_step_fo_bn_scores_equal_autodiff_gate_grads():
+  """The step mixes derived (after-BN) and differentiated (residual) gate gradients."""
+  import ml_collections
+  ctx = make_ctx('resnet8', True, batch=8, dtype=jnp.float32)
+  masks = jax.tree.map(np.asarray, half_mask(ctx))
+  variables = {'params': ctx.params, 'batch_stats': ctx.batch_stats}
+  tx = train.create_optimizer(ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.1, momentum=0.9, weight_decay=0.0, schedule='constant')), 10, 10)
+  state = train.create_train_state(jax.tree.map(jnp.array, variables), tx, masks=masks)
+  mesh = train.create_mesh(jax.devices()[:1])
+  step = train.make_train_step(ctx.model, tx, mesh, estimator=E.get('taylor_fo_bn'))
+  want = jax.grad(lambda z: ctx.loss(ctx.params, z))(jax.tree.map(jnp.asarray, masks))
+  state, _ = step(state, train.shard_batch(mesh, jax.tree.map(np.asarray, ctx.batch)))
+  assert {g.name for g in ctx.groups if g.gate_after_norm} and \
+      {g.name for g in ctx.groups if not g.gate_after_norm}
+  for k, g in want.items():
+    expect = np.asarray(g) ** 2 * np.asarray(masks[k])
+    # float32: the two paths sum in different orders; tiny scores get an absolute tolerance.
+    np.testing.assert_allclose(np.asarray(state.score_sum[k]), expect, rtol=2e-4,
+                               atol=1e-4 * expect.max(), err_msg=k)

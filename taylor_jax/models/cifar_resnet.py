@@ -64,7 +64,7 @@ class CifarResNet(nn.Module):
         groups.append(ChannelGroup(
             f'stage{s}.block{b}', self.widths[f'stage{s}.block{b}'],
             tuple(C.conv_out(f'{blk}/conv1') + C.norm(f'{blk}/bn1') + C.conv_in(f'{blk}/conv2')),
-            'channel', 'after bn1, before ReLU'))
+            'channel', 'after bn1, before ReLU', gate_after_norm=True))
     return tuple(groups)
 
   @nn.compact

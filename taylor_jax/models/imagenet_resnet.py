@@ -83,7 +83,7 @@ class ImageNetResNet(nn.Module):
           'stem', self.widths['stem'],
           tuple(C.conv_out('conv1') + C.norm('bn1') + C.conv_in('layer1_0/conv1') +
                 C.conv_in('layer1_0/downsample_conv')),
-          'channel', 'after stem bn1, before ReLU', prunable=False))
+          'channel', 'after stem bn1, before ReLU', prunable=False, gate_after_norm=True))
     for s, n in enumerate(blocks, start=1):
       slices = [] if bott or s > 1 else C.conv_out('conv1') + C.norm('bn1')
       for b in range(n):
@@ -106,12 +106,12 @@ class ImageNetResNet(nn.Module):
         groups.append(ChannelGroup(
             f'layer{s}.{b}.bn1', self.widths[f'layer{s}.{b}.bn1'],
             tuple(C.conv_out(f'{blk}/conv1') + C.norm(f'{blk}/bn1') + C.conv_in(f'{blk}/conv2')),
-            'channel', 'after bn1, before ReLU'))
+            'channel', 'after bn1, before ReLU', gate_after_norm=True))
         if bott:
           groups.append(ChannelGroup(
               f'layer{s}.{b}.bn2', self.widths[f'layer{s}.{b}.bn2'],
               tuple(C.conv_out(f'{blk}/conv2') + C.norm(f'{blk}/bn2') + C.conv_in(f'{blk}/conv3')),
-              'channel', 'after bn2, before ReLU'))
+              'channel', 'after bn2, before ReLU', gate_after_norm=True))
     return tuple(groups)
 
   @nn.compact

@@ -104,7 +104,7 @@ class VGG(nn.Module):
       else:
         slices += C.dense_in('classifier')
       groups.append(ChannelGroup(f'conv{k}', w[f'conv{k}'], tuple(slices), 'channel',
-                                 'after BN, before ReLU'))
+                                 'after BN, before ReLU', gate_after_norm=True))
     if self.head == 'imagenet':
       groups.append(ChannelGroup('fc1', w['fc1'],
                                  tuple(C.dense_out('classifier_0') + C.dense_in('classifier_3')),
