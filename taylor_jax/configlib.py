@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.min_width = 1
   c.prune.max_share = 1.0
   c.prune.align = 1
+  # Ranking: 'score' (the paper: lowest importance first), 'score_per_flop' / 'score_per_latency'
+  # (importance per MAC / per millisecond a unit saves; latency from a table measured on this
+  # machine before the first pruning step, engine.py).
+  c.prune.rank_by = 'score'
   c.prune.surgery = True  # physically shrink the network (False: mask only, as the reference)
   c.prune.surgery_every = 1  # pruning steps between surgeries
   c.prune.learning_rate = 0.01  # constant SGD lr while pruning
@@ -99,6 +103,9 @@ def _add_method_options(prune: ml_collections.ConfigDict) -> None:
       section[key] = (ml_collections.FieldReference(None, field_type=float) if value is None
                       else value)
     prune[name] = section
+
+
+RANK_BY = ('score', 'score_per_flop', 'score_per_latency')
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -170,6 +177,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
            'full FLOPs or parameters)')
     _check(0 <= p.ema_momentum < 1, f'prune.ema_momentum={p.ema_momentum}: must be in [0, 1)')
     _check(p.normalize in ('none', 'l2'), f"prune.normalize={p.normalize!r}: use 'none' or 'l2'")
+    _check(p.rank_by in RANK_BY, f'prune.rank_by={p.rank_by!r}: use one of {RANK_BY}')
     _check(p.surgery_every >= 1, f'prune.surgery_every={p.surgery_every}: must be >= 1')
     _check(p.finetune_epochs >= 0, f'prune.finetune_epochs={p.finetune_epochs}: must be >= 0')
     _check(p.finetune_schedule in ('constant', 'cosine', 'step'),

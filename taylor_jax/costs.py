@@ -285,6 +285,41 @@ def compare_latency(nets: Mapping[str, tuple[Any, Mapping[str, Any], Optional[Ma
   return out
 
 
+def latency_table(model, input_shape: Shape, widths: Mapping[str, Sequence[int]],
+                  batch_size: int = 64, repeats: int = 10, rounds: int = 3
+                  ) -> dict[str, dict[int, float]]:
+  """Measured latency (ms per batch) of ``model`` with ONE group at a time at each of its
+  candidate ``widths`` (the other groups as in ``model.widths``): ``{group: {width: ms}}``.
+
+  A per-group lookup table for latency-aware ranking (HALP, Shen et al. 2022, measure per
+  layer; whole-network timing here also catches the backend's per-shape choices, e.g. which
+  convolutions XLA:CPU hands to YNNPACK). Every network is timed in turn with the others
+  (:func:`compare_latency`); weights are zeros, as latency depends on shapes only.
+  """
+  x = np.zeros((1,) + tuple(input_shape), np.float32)
+
+  def zeros_like_init(m):
+    shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+  nets = {'base': (model, zeros_like_init(model), None)}
+  for name, ws in widths.items():
+    for w in ws:
+      if int(w) != model.widths[name]:
+        m = model.clone(widths={**model.widths, name: int(w)})
+        nets[f'{name}={int(w)}'] = (m, zeros_like_init(m), None)
+  lat = compare_latency(nets, batch_size, input_shape, repeats=repeats, rounds=rounds)
+  base = lat['base']['median']
+  ms = lambda name, w: base if w == model.widths[name] else lat[f'{name}={w}']['median']
+  return {name: {int(w): ms(name, int(w)) for w in sorted(ws)} for name, ws in widths.items()}
+
+
+def interpolate(table: Mapping[int, float], width: float) -> float:
+  """Piecewise-linear value of a ``{width: value}`` table at ``width`` (constant outside)."""
+  ws = sorted(int(w) for w in table)
+  return float(np.interp(width, ws, [table[w] for w in ws]))
+
+
 def summary(model, variables: Mapping[str, Any], input_shape: Shape) -> dict[str, int]:
   """``{'params': count_params(variables), 'flops': flops(model, input_shape)}`` (MACs)."""
   return {'params': count_params(variables), 'flops': flops(model, input_shape)}

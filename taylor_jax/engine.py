@@ -9,6 +9,10 @@ groups without per-layer normalisation. Pruned units score 0 and are never reviv
 Constraints the reference lacks: a minimum width per group (default 1: no group is ever emptied),
 a maximum pruned share per group (relative to the unpruned width), and alignment of the kept
 widths to a multiple of ``align`` (GPUs pay for odd channel counts).
+
+Cost-aware ranking (optional, not in the reference): units ranked by score per unit of cost they
+save (FLOPs, or measured milliseconds as HALP does), the greedy rule of a knapsack whose budget is
+the cost: under a FLOPs or latency target it keeps more importance per unit of cost.
 """
 
 from __future__ import annotations
@@ -70,8 +74,25 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
   return out
 
 
-def _chunk_candidates(scores, order, taken, full_widths, floor, k) -> list[tuple[float, str, int]]:
-  """``(mean score, group, chunk size)`` of every chunk the constraints allow next, lowest first."""
+def width_grid(full_width: int, constraints: Constraints, max_points: int = 8) -> list[int]:
+  """The widths a group can reach, for cost tables: every multiple of ``align`` from the
+  smallest allowed width up (aligned groups), else at most ``max_points`` evenly spaced ones;
+  ``full_width`` always included."""
+  lo = constraints.min_kept(full_width)
+  if constraints.align > 1 and full_width >= constraints.align:
+    return sorted(set(range(lo, full_width + 1, constraints.align)) | {full_width})
+  return sorted({int(round(w)) for w in np.linspace(lo, full_width, max(2, max_points))})
+
+
+# Cost of a chunk: ``unit_cost(group, live width, chunk size)`` -> cost saved by going from that
+# width to ``width - chunk`` (> 0).
+UnitCost = Callable[[str, int, int], float]
+
+
+def _chunk_candidates(scores, order, taken, full_widths, floor, k,
+                      unit_cost: Optional[UnitCost] = None) -> list[tuple[float, str, int]]:
+  """``(key, group, chunk size)`` of every chunk the constraints allow next, lowest key first;
+  the key is the chunk's mean score, divided by its cost saved per unit with ``unit_cost``."""
   out = []
   for name, units in order.items():
     width = units.size - taken[name]
@@ -80,6 +101,11 @@ def _chunk_candidates(scores, order, taken, full_widths, floor, k) -> list[tuple
       continue
     mean = float(np.mean(np.asarray(scores[name], np.float64)[
         units[taken[name]:taken[name] + chunk]]))
+    if unit_cost is not None:
+      saved = float(unit_cost(name, width, chunk))
+      if not saved > 0:
+        raise ValueError(f'unit_cost({name!r}, {width}, {chunk}) = {saved}: must be > 0 (floor it)')
+      mean /= saved / chunk
     out.append((mean, name, chunk))
   out.sort(key=lambda c: c[0])
   return out
@@ -96,7 +122,8 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
                  groups: Sequence[ChannelGroup], full_widths: Mapping[str, int], num_units: int,
                  constraints: Constraints = Constraints(),
                  excess: Optional[Callable[[Mapping[str, np.ndarray]], float]] = None,
-                 tolerance: float = 0.0) -> dict[str, np.ndarray]:
+                 tolerance: float = 0.0,
+                 unit_cost: Optional[UnitCost] = None) -> dict[str, np.ndarray]:
   """Masks with (about) ``num_units`` of the lowest-scoring live units removed, ranked globally.
 
   Units whose removal would break a constraint are skipped (the next-lowest goes instead). With
@@ -113,6 +140,8 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
   once), the lowest-scoring chunk that lands within ``[-tolerance, 0]`` goes instead; if none
   does, the lowest-scoring chunk that falls short (the next step goes on from there), else the
   one that overshoots least.
+
+  ``unit_cost``: rank chunks by mean score per unit of cost saved instead (see module doc).
   """
   floor = {g.name: constraints.min_kept(full_widths[g.name]) for g in groups}
   k = constraints.align
@@ -126,7 +155,7 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
   taken = {name: 0 for name in order}
   removed, sequence = 0, []  # sequence: the greedy chunks, in the order they go
   while removed < num_units:
-    cands = _chunk_candidates(scores, order, taken, full_widths, floor, k)
+    cands = _chunk_candidates(scores, order, taken, full_widths, floor, k, unit_cost)
     if not cands:
       break
     _, name, chunk = cands[0]
@@ -155,7 +184,8 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
     return _masks_after(masks, order, taken_after(0))
   taken = taken_after(lo)
   trials = []  # (excess after, name, chunk) in score order
-  for _, name, chunk in _chunk_candidates(scores, order, taken, full_widths, floor, k):
+  for _, name, chunk in _chunk_candidates(scores, order, taken, full_widths, floor, k,
+                                          unit_cost):
     t = dict(taken)
     t[name] += chunk
     e = excess(_masks_after(masks, order, t))

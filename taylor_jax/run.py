@@ -102,6 +102,45 @@ def _target_excess(config, model, input_shape, full_flops: int, full_params: int
   return None
 
 
+def _latency_table(job, widths_of_model) -> dict[str, dict[str, float]]:
+  """``{group: {str(width): ms}}`` (JSON keys) of the current model, batch-64 latency with one
+  group at a time at each width the constraints let it reach (costs.latency_table)."""
+  grid = {g.name: engine.width_grid(job.full_widths[g.name], job.constraints)
+          for g in job.groups if g.prunable}
+  grid = {k: [w for w in ws if w <= widths_of_model[k]] for k, ws in grid.items()}
+  rep = job.config.report
+  table = costs.latency_table(job.model, job.input_shape, grid, batch_size=64,
+                              repeats=rep.latency_repeats, rounds=rep.latency_rounds)
+  return {k: {str(w): ms for w, ms in t.items()} for k, t in table.items()}
+
+
+def _unit_cost(config, job, masks, extra) -> Optional[engine.UnitCost]:
+  """What ``engine.prune_lowest`` divides scores by under ``prune.rank_by`` (None: plain
+  scores): FLOPs (MACs) one unit of each group saves now, or the milliseconds a chunk saves
+  according to the latency table (floored at a millionth of the network's latency per unit,
+  so chunks that save nothing go last rather than never)."""
+  rank_by = config.prune.rank_by
+  if rank_by == 'score':
+    return None
+  if rank_by == 'score_per_flop':
+    base = costs.flops(job.model, job.input_shape, masks)
+    per_unit = {}
+    for g in job.groups:
+      alive = np.flatnonzero(np.asarray(masks[g.name]))
+      if not g.prunable or alive.size <= 1:
+        continue
+      fewer = {k: np.asarray(v, np.float32).copy() for k, v in masks.items()}
+      fewer[g.name][alive[0]] = 0.0
+      per_unit[g.name] = max(base - costs.flops(job.model, job.input_shape, fewer), 1)
+    return lambda name, width, chunk: chunk * per_unit.get(name, 1)
+  table = {k: {int(w): ms for w, ms in t.items()} for k, t in extra['latency_table'].items()}
+  whole = max(max(t.values()) for t in table.values())
+  floor = 1e-6 * whole
+  return lambda name, width, chunk: max(
+      costs.interpolate(table[name], width) - costs.interpolate(table[name], width - chunk),
+      chunk * floor)
+
+
 def _check_target_feasible(config, groups, full_widths, constraints, model, input_shape,
                            full_flops, full_params) -> None:
   """Refuses, before any training, targets the constraints cannot reach."""
@@ -441,6 +480,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bar.set_description('prune')
     freq = c.prune.frequency
     t_prune = time.time()
+    if c.prune.rank_by == 'score_per_latency' and 'latency_table' not in extra:
+      # Measured once, before the first pruning step, and kept in the checkpoint metadata: a
+      # resumed run ranks with the same table (timings differ from one measurement to the next).
+      extra['latency_table'] = _latency_table(job, job.widths)
+      _log_metrics(workdir, {'phase': 'latency_table', 'table': extra['latency_table']})
 
     def on_step(state):
       if int(state.score_count) < freq:
@@ -456,7 +500,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       new_masks = engine.prune_lowest(
           ema, masks, job.groups, job.full_widths, n, job.constraints,
           excess=_target_excess(c, job.model, job.input_shape, full_flops, full_params),
-          tolerance=c.prune.target_tolerance)
+          tolerance=c.prune.target_tolerance, unit_cost=_unit_cost(c, job, masks, extra))
       host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
                           score_ema={k: np.asarray(v) for k, v in ema.items()},
                           score_sum=jax.device_get(train.zeros_like_masks(new_masks)),
@@ -524,6 +568,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     result['timing'] = {k: extra[k] for k in ('prune_wall_s', 'finetune_wall_s') if k in extra}
     if 'method' in extra:
       result['method'] = extra['method']
+    if 'latency_table' in extra:
+      result['latency_table'] = extra['latency_table']
   result['config'] = json.loads(c.to_json_best_effort())
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:

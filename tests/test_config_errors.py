@@ -24,6 +24,7 @@ _config = helpers.pruning_config
     ({'prune.max_share': 2.0}, 'prune.max_share=2.0'),
     ({'prune.align': 0}, 'prune.align=0'),
     ({'prune.target_tolerance': -0.1}, 'prune.target_tolerance=-0.1'),
+    ({'prune.rank_by': 'latency'}, "prune.rank_by='latency'"),
 ])
 def test_invalid_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / 'w'

@@ -220,3 +220,21 @@ def test_compare_latency_times_every_net_in_rounds():
     r = out[name]
     assert len(r['round_medians']) == 2 and r['repeats'] == 3
     assert r['median'] == min(r['round_medians']) and r['min'] <= r['median'] <= r['p90']
+
+
+def test_latency_table_times_one_group_at_a_time():
+  model = models.create('resnet8', 10)
+  grid = {'stage1.block0': [8, 16], 'stage3': [16, 40, 64]}
+  table = costs.latency_table(model, (28, 28, 1), grid, batch_size=2, repeats=2, rounds=1)
+  assert {k: sorted(t) for k, t in table.items()} == grid
+  # The unchanged width is the one measurement of the model as it is, shared by every group.
+  assert table['stage1.block0'][16] == table['stage3'][64]
+  assert all(np.isfinite(ms) and ms > 0 for t in table.values() for ms in t.values())
+
+
+def test_interpolate_is_piecewise_linear_and_flat_outside():
+  t = {8: 1.0, 16: 3.0, 32: 4.0}
+  assert costs.interpolate(t, 12) == pytest.approx(2.0)
+  assert costs.interpolate(t, 24) == pytest.approx(3.5)
+  assert costs.interpolate(t, 16) == 3.0
+  assert costs.interpolate(t, 4) == 1.0 and costs.interpolate(t, 40) == 4.0

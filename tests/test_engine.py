@@ -182,3 +182,104 @@ def test_cost_target_prefers_an_in_band_chunk_to_a_wide_early_one():
   new = engine.prune_lowest(scores, masks, groups, widths, 8, c, excess, tolerance=0.05)
   assert new['stage1.block0'].sum() == 16 and new['stage3.block0'].sum() == 16
   assert -0.05 <= excess(new) <= 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 60))
+def test_cost_aware_ranking_removes_the_lowest_score_per_cost(seed, n):
+  """Unaligned, with a per-unit cost per group: the removed units are the ``n`` lowest of
+  score / cost over all units (brute-force sort; n is small enough that no group empties)."""
+  groups, widths = _groups_and_widths()
+  scores = _random_scores(widths, seed)
+  cost = {k: float(c) for k, c in zip(widths, np.random.default_rng(seed + 1).uniform(
+      0.1, 10.0, len(widths)))}
+  new = engine.prune_lowest(scores, _ones(widths), groups, widths, n,
+                            unit_cost=lambda name, width, chunk: chunk * cost[name])
+  ratio = sorted((float(scores[k][u]) / cost[k], k, int(u))
+                 for k, w in widths.items() for u in range(w))
+  expected = {(k, u) for _, k, u in ratio[:n]}
+  removed = {(k, int(u)) for k, m in new.items() for u in np.flatnonzero(m == 0)}
+  assert removed == expected
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 200), align=st.sampled_from([1, 8]))
+def test_uniform_unit_cost_ranks_as_plain_scores(seed, n, align):
+  groups, widths = _groups_and_widths()
+  scores = _random_scores(widths, seed)
+  c = engine.Constraints(align=align)
+  plain = engine.prune_lowest(scores, _ones(widths), groups, widths, n, c)
+  uniform = engine.prune_lowest(scores, _ones(widths), groups, widths, n, c,
+                                unit_cost=lambda name, width, chunk: 3.0 * chunk)
+  for k in plain:
+    np.testing.assert_array_equal(plain[k], uniform[k])
+
+
+def test_chunk_cost_depends_on_the_live_width():
+  """A latency-table-like cost: a group whose next chunk saves nothing goes after one that
+  saves a lot, even with a lower score; the cost sees the width the chunk starts from."""
+  groups, widths = _groups_and_widths('resnet8')
+  scores = {k: np.full(w, 5.0, np.float32) for k, w in widths.items()}
+  scores['stage3.block0'][:] = 1.0
+  seen = []
+
+  def cost(name, width, chunk):
+    seen.append((name, width, chunk))
+    return 1e-6 * chunk if name == 'stage3.block0' else 10.0 * chunk
+
+  new = engine.prune_lowest(scores, _ones(widths), groups, widths, 8,
+                            engine.Constraints(align=8), unit_cost=cost)
+  assert new['stage3.block0'].sum() == widths['stage3.block0']
+  assert sum(int(widths[k] - m.sum()) for k, m in new.items()) == 8
+  assert ('stage3', 64, 8) in seen and ('stage1', 16, 8) in seen
+
+
+def test_non_positive_unit_cost_is_refused():
+  groups, widths = _groups_and_widths('resnet8')
+  with pytest.raises(ValueError, match='must be > 0'):
+    engine.prune_lowest(_random_scores(widths, 0), _ones(widths), groups, widths, 4,
+                        unit_cost=lambda name, width, chunk: 0.0)
+
+
+def test_width_grid_lists_the_reachable_widths():
+  assert engine.width_grid(64, engine.Constraints(align=8)) == [8, 16, 24, 32, 40, 48, 56, 64]
+  assert engine.width_grid(20, engine.Constraints(align=8)) == [8, 16, 20]
+  assert engine.width_grid(16, engine.Constraints(align=8, max_share=0.5)) == [8, 16]
+  assert engine.width_grid(6, engine.Constraints(align=8)) == [1, 2, 3, 4, 5, 6]
+  assert engine.width_grid(64, engine.Constraints(), max_points=4) == [1, 22, 43, 64]
+
+
+def _job(model):
+  from types import SimpleNamespace
+  return SimpleNamespace(model=model, input_shape=(28, 28, 1), groups=model.groups())
+
+
+def test_run_unit_cost_per_flop_is_the_flops_one_unit_saves():
+  from taylor_jax import costs, run
+  import helpers
+  model = models.create('resnet8', 10)
+  masks = helpers.random_masks(model, 3, keep_prob=0.7)
+  cost = run._unit_cost(helpers.pruning_config(**{'prune.rank_by': 'score_per_flop'}),
+                        _job(model), masks, {})
+  base = costs.flops(model, (28, 28, 1), masks)
+  for g in model.groups():
+    alive = np.flatnonzero(masks[g.name])
+    if not g.prunable or alive.size <= 1:
+      continue
+    fewer = {k: v.copy() for k, v in masks.items()}
+    fewer[g.name][alive[-1]] = 0
+    assert cost(g.name, alive.size, 2) == 2 * (base - costs.flops(model, (28, 28, 1), fewer))
+
+
+def test_run_unit_cost_per_latency_reads_the_table_and_floors_it():
+  from taylor_jax import run
+  import helpers
+  model = models.create('resnet8', 10)
+  extra = {'latency_table': {'stage3': {'16': 4.0, '32': 6.0, '64': 10.0},
+                             'stage1': {'8': 9.0, '16': 10.0}}}
+  cost = run._unit_cost(helpers.pruning_config(**{'prune.rank_by': 'score_per_latency'}),
+                        _job(model), None, extra)
+  assert cost('stage3', 64, 8) == pytest.approx(10.0 - 9.0)  # 56 interpolates to 9.0
+  assert cost('stage3', 24, 8) == pytest.approx(5.0 - 4.0)
+  assert cost('stage1', 16, 8) == pytest.approx(1.0)
+  assert cost('stage3', 16, 8) == pytest.approx(8 * 1e-6 * 10.0)  # flat below 16: the floor
