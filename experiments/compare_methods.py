@@ -10,7 +10,9 @@ epoch (at most) of variational training, then that epoch of fine-tuning).
 
 Resumable: a run whose workdir holds report.json is skipped; an unfinished one is re-run with the
 same command, which resumes from its last checkpoint. Wall time per run (summed over the
-invocations that ran it) is kept in ``<workdir>/wall_s.json``.
+invocations that ran it) is kept in ``<workdir>/wall_s.json``; where a run was paused or shared
+the CPU, a corrected ``wall_s`` and a ``note`` saying why go there by hand, and the table lists
+the notes.
 
 Writes ``<results_dir>/methods_comparison.csv`` (``method,flops_reduction,seed,test_accuracy,
 params,flops,latency_ms_b64,wall_s``; the baselines as method ``baseline``, reduction 0),
@@ -129,32 +131,35 @@ def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dic
     rep = json.load(f)
   r = rep[key]
   wall_file = os.path.join(workdir, 'wall_s.json')
-  wall = json.load(open(wall_file))['wall_s'] if os.path.exists(wall_file) else float('nan')
-  return {'method': method, 'flops_reduction': reduction, 'seed': seed,
+  wall = json.load(open(wall_file)) if os.path.exists(wall_file) else {'wall_s': float('nan')}
+  return {'method': method, 'flops_reduction': reduction, 'seed': seed, '_wall_note': wall.get('note'),
           'test_accuracy': r['test_accuracy'], 'params': r['params'], 'flops': r['flops'],
-          'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall,
+          'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall['wall_s'],
           '_full_flops': rep['baseline']['flops'], '_widths': r.get('widths'),
           '_model': rep['config']['model']}
 
 
-def remeasure_latency(rows, repeats: int = 30) -> None:
-  """Replaces every row's batch-64 latency by one measured here, in one process, one width set
-  after another (min over 3 medians of ``repeats``): the runs' own latencies were taken while
-  other jobs shared the CPU. Latency depends on the widths only, so random weights are used."""
+def remeasure_latency(rows, repeats: int = 30, rounds: int = 3) -> None:
+  """Replaces every row's batch-64 latency by one measured here, in one process, every width
+  set timed in turn with the others (costs.compare_latency: ``rounds`` rounds of ``repeats``,
+  the least disturbed round's median): the runs' own latencies were taken while other jobs
+  shared the CPU. Latency depends on the widths only, so random weights are used."""
   import jax
   import jax.numpy as jnp
   from taylor_jax import costs, models
-  cache = {}
+  shape = (28, 28, 1)
+  nets, key_of = {}, []
   for r in rows:
     widths = r['_widths'] or models.full_widths(r['_model'])  # the baseline's: full widths
-    key = (r['_model'], tuple(sorted(widths.items())))
-    if key not in cache:
+    key = f"{r['_model']}:{sorted(widths.items())}"
+    key_of.append(key)
+    if key not in nets:
       model = models.create(r['_model'], 10, dict(widths))
-      shape = (28, 28, 1)
       variables = jax.jit(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1,) + shape)))()
-      cache[key] = min(costs.latency_ms(model, variables, None, 64, shape, repeats=repeats)['median']
-                       for _ in range(3))
-    r['latency_ms_b64'] = cache[key]
+      nets[key] = (model, variables, None)
+  lat = costs.compare_latency(nets, 64, shape, repeats=repeats, rounds=rounds)
+  for r, key in zip(rows, key_of):
+    r['latency_ms_b64'] = lat[key]['median']
 
 
 def _mean_spread(values):
@@ -172,7 +177,8 @@ def markdown(rows, command: str, args) -> str:
            + '. Mean +- standard deviation over seeds; FLOPs are MACs of one example; wall time '
            'of the run itself (the shared baseline not included). Latency: '
            + ('every width set re-timed after the runs, one after another in one process '
-              '(--remeasure_latency; min over 3 medians of 30 batch-64 forwards)'
+              '(--remeasure_latency; costs.compare_latency: 3 rounds of 30 batch-64 forwards, '
+              'the least disturbed round)'
               if args.remeasure_latency else 'as measured at the end of each run') + '.', '',
            '| method | target | seeds | test accuracy (%) | FLOPs reduction (%) | params | '
            'latency b64 (ms) | wall (s) |', '|---|---|---|---|---|---|---|---|']
@@ -188,6 +194,11 @@ def markdown(rows, command: str, args) -> str:
     lines.append(f'| {method} | {red:.0%} | {len(rs)} | {acc[0]:.2f} +- {acc[1]:.2f} | '
                  f'{fr[0]:.1f} +- {fr[1]:.1f} | {par:,.0f} | {lat[0]:.2f} +- {lat[1]:.2f} | '
                  f'{wall:.0f} |')
+  notes = sorted({f"{r['method']} {r['flops_reduction']:.0%} seed {r['seed']}: {r['_wall_note']}"
+                  for r in rows if r.get('_wall_note')})
+  if notes:
+    lines += ['', 'Wall-time corrections (wall_s.json of the run says why):', '']
+    lines += [f'- {n}' for n in notes]
   return '\n'.join(lines) + '\n'
 
 
