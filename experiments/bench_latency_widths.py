@@ -9,13 +9,19 @@ Writes experiments/results/bench_latency_widths.json with
 * ``scan``: every width set aligned to 8 with stage-1 widths in {8, 16} and 40-50% fewer FLOPs,
   timed the same way with the full network (3 rounds of 20; the spread of latency cut / FLOPs
   cut);
-* ``convs``: single 3x3 convolutions (batch 64) at the sizes ResNet-8 uses, in ms.
+* ``convs``: single 3x3 convolutions (batch 64) at the sizes ResNet-8 uses, in ms;
+* ``backends``: the named rows again in fresh processes under other ``XLA_FLAGS`` that change
+  which convolutions XLA:CPU hands to YNNPACK (its default picks per shape), to show how much
+  of the latency/FLOPs ratio is the backend's choice rather than the widths.
+
+``--rows_only`` times only the named rows and prints them as JSON (used for ``backends``).
 """
 
 import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -42,6 +48,10 @@ CANDIDATES = {
     'default_run_session2': {'stage1': 16, 'stage1.block0': 8, 'stage2': 24, 'stage2.block0': 16,
                              'stage3': 48, 'stage3.block0': 24},
     'stage1_halved': {**FULL, 'stage1': 8, 'stage1.block0': 8},
+    # Stage 3 (7x7) at a quarter of its width: -26% FLOPs.
+    'stage3_quartered': {**FULL, 'stage3': 16, 'stage3.block0': 16},
+    'stages23_aligned16': {'stage1': 16, 'stage1.block0': 16, 'stage2': 16, 'stage2.block0': 16,
+                           'stage3': 32, 'stage3.block0': 16},
     'all_halved': {k: v // 2 for k, v in FULL.items()},
     'stage1_width1': {**FULL, 'stage1': 1, 'stage1.block0': 1},
     'stage1_mid_width1': {**FULL, 'stage1.block0': 1},
@@ -106,7 +116,35 @@ def _time_convs() -> list[dict]:
   return out
 
 
+BACKEND_FLAGS = {
+    'ynn_off': '--xla_cpu_experimental_ynn_fusion_type=',
+    'ynn_convolutions': '--xla_cpu_experimental_ynn_fusion_type='
+                        'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION',
+}
+
+
+def _time_backends() -> dict:
+  out = {}
+  for name, flags in BACKEND_FLAGS.items():
+    env = dict(os.environ, XLA_FLAGS=flags)
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), '--rows_only'], env=env,
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    out[name] = {'xla_flags': flags, 'rows': rows}
+    for r in rows:
+      print(f"{name:18s} {r['widths_name']:28s} {r['latency_ms_b64']:7.2f} ms  ratio "
+            f"{r['latency_cut_over_flops_cut']}", flush=True)
+  return out
+
+
 def main():
+  if '--rows_only' in sys.argv:
+    with open(os.devnull, 'w') as quiet:  # stdout carries only the JSON line
+      real, sys.stdout = sys.stdout, quiet
+      rows = _time_widths(CANDIDATES, rounds=3, repeats=20)
+      sys.stdout = real
+    print(json.dumps(rows))
+    return
   out = {'device': f'{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores)',
          'command': '.venv/bin/python experiments/bench_latency_widths.py',
          'load_average_start': os.getloadavg()}
@@ -116,6 +154,7 @@ def main():
   out['scan_ratio_range'] = [min(ratios), max(ratios)]
   out['scan_sets_at_or_above_0.7'] = sum(r >= 0.7 for r in ratios)
   out['convs'] = _time_convs()
+  out['backends'] = _time_backends()
   out['load_average_end'] = os.getloadavg()
   print('scan ratio range', out['scan_ratio_range'], 'sets >= 0.7:',
         out['scan_sets_at_or_above_0.7'], 'of', len(ratios))
