@@ -3,9 +3,9 @@
 Command (the README's first quick-start line runs exactly this):
   python -m taylor_jax.main --config=configs/default.py --workdir=runs/default
 
-Expected on the 2-core CPU machine (fresh clone, 2026-11-21, 13 min with set-up): baseline
-92.38% test accuracy, pruned 91.63% at -41.2% FLOPs (widths 16/16/24/16/48/16), batch-64 latency
--25.5%; details in experiments/README.md.
+Expected on the 2-core CPU machine (two fresh clones, 2026-11-21, 13-14 min with set-up):
+baseline 92.38% test accuracy, pruned 91.63% at -41.2% FLOPs (widths 16/16/24/16/48/16; both runs
+identical), batch-64 latency -23.5% / -25.5%; details in experiments/README.md.
 """
 
 from taylor_jax import configlib
