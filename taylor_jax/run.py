@@ -102,12 +102,13 @@ def _target_excess(config, model, input_shape, full_flops: int, full_params: int
   return None
 
 
-def _latency_table(job, widths_of_model) -> dict[str, dict[str, float]]:
+def _latency_table(job) -> dict[str, dict[str, float]]:
   """``{group: {str(width): ms}}`` (JSON keys) of the current model, batch-64 latency with one
-  group at a time at each width the constraints let it reach (costs.latency_table)."""
-  grid = {g.name: engine.width_grid(job.full_widths[g.name], job.constraints)
+  group at a time at each width up to its current one that the constraints let it reach
+  (costs.latency_table)."""
+  grid = {g.name: [w for w in engine.width_grid(job.full_widths[g.name], job.constraints)
+                   if w <= job.widths[g.name]]
           for g in job.groups if g.prunable}
-  grid = {k: [w for w in ws if w <= widths_of_model[k]] for k, ws in grid.items()}
   rep = job.config.report
   table = costs.latency_table(job.model, job.input_shape, grid, batch_size=64,
                               repeats=rep.latency_repeats, rounds=rep.latency_rounds)
@@ -483,7 +484,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if c.prune.rank_by == 'score_per_latency' and 'latency_table' not in extra:
       # Measured once, before the first pruning step, and kept in the checkpoint metadata: a
       # resumed run ranks with the same table (timings differ from one measurement to the next).
-      extra['latency_table'] = _latency_table(job, job.widths)
+      extra['latency_table'] = _latency_table(job)
       _log_metrics(workdir, {'phase': 'latency_table', 'table': extra['latency_table']})
 
     def on_step(state):

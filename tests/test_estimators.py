@@ -339,6 +339,21 @@ def test_random_is_seeded_uniform():
 
 # --- registry + train step ----------------------------------------------------------------------
 
+def _one_train_step(ctx, estimator):
+  """One jitted train step on ``ctx``'s batch with half the units masked, accumulating
+  ``estimator``; returns ``(state, masks, autodiff dL/dgate at those masks)``."""
+  import ml_collections
+  masks = jax.tree.map(np.asarray, half_mask(ctx))
+  variables = {'params': ctx.params, 'batch_stats': ctx.batch_stats}
+  tx = train.create_optimizer(ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.1, momentum=0.9, weight_decay=0.0, schedule='constant')), 10, 10)
+  state = train.create_train_state(jax.tree.map(jnp.array, variables), tx, masks=masks)
+  mesh = train.create_mesh(jax.devices()[:1])
+  step = train.make_train_step(ctx.model, tx, mesh, estimator=estimator)
+  want = jax.grad(lambda z: ctx.loss(ctx.params, z))(jax.tree.map(jnp.asarray, masks))
+  state, _ = step(state, train.shard_batch(mesh, jax.tree.map(np.asarray, ctx.batch)))
+  return state, masks, want
+
 def test_custom_estimator_by_name_in_train_step():
   @E.register('mine_abs_gate_grad')
   def mine(ctx, power=1.0):
@@ -347,16 +362,7 @@ def test_custom_estimator_by_name_in_train_step():
 
   assert 'mine_abs_gate_grad' in E.names()
   ctx = make_ctx('lenet3', True, batch=8, dtype=jnp.float32)
-  masks = jax.tree.map(np.asarray, half_mask(ctx))
-  variables = {'params': ctx.params, 'batch_stats': ctx.batch_stats}
-  import ml_collections
-  tx = train.create_optimizer(ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=0.1, momentum=0.9, weight_decay=0.0, schedule='constant')), 10, 10)
-  state = train.create_train_state(jax.tree.map(jnp.array, variables), tx, masks=masks)
-  mesh = train.create_mesh(jax.devices()[:1])
-  step = train.make_train_step(ctx.model, tx, mesh, estimator=E.get('mine_abs_gate_grad', power=2.0))
-  want = jax.grad(lambda z: ctx.loss(ctx.params, z))(jax.tree.map(jnp.asarray, masks))
-  state, _ = step(state, train.shard_batch(mesh, jax.tree.map(np.asarray, ctx.batch)))
+  state, masks, want = _one_train_step(ctx, E.get('mine_abs_gate_grad', power=2.0))
   assert int(state.score_count) == 1
   for k, g in want.items():
     np.testing.assert_allclose(np.asarray(state.score_sum[k]),
@@ -404,17 +410,8 @@ def test_models_without_bn_after_gate_flag_nothing():
 
 def test_train_step_fo_bn_scores_equal_autodiff_gate_grads():
   """The step mixes derived (after-BN) and differentiated (residual) gate gradients."""
-  import ml_collections
   ctx = make_ctx('resnet8', True, batch=8, dtype=jnp.float32)
-  masks = jax.tree.map(np.asarray, half_mask(ctx))
-  variables = {'params': ctx.params, 'batch_stats': ctx.batch_stats}
-  tx = train.create_optimizer(ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=0.1, momentum=0.9, weight_decay=0.0, schedule='constant')), 10, 10)
-  state = train.create_train_state(jax.tree.map(jnp.array, variables), tx, masks=masks)
-  mesh = train.create_mesh(jax.devices()[:1])
-  step = train.make_train_step(ctx.model, tx, mesh, estimator=E.get('taylor_fo_bn'))
-  want = jax.grad(lambda z: ctx.loss(ctx.params, z))(jax.tree.map(jnp.asarray, masks))
-  state, _ = step(state, train.shard_batch(mesh, jax.tree.map(np.asarray, ctx.batch)))
+  state, masks, want = _one_train_step(ctx, E.get('taylor_fo_bn'))
   assert {g.name for g in ctx.groups if g.gate_after_norm} and \
       {g.name for g in ctx.groups if not g.gate_after_norm}
   for k, g in want.items():
