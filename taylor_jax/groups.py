@@ -70,6 +70,10 @@ class ChannelGroup:
       (``z * (gamma * xhat + beta)``), so at a live unit (``z = 1``)
       ``dL/dz = gamma * dL/dgamma + beta * dL/dbeta`` and the train step gets the gate gradient
       from the BN gradients it computes anyway (:func:`taylor_jax.estimators.gate_grads_from_norm`).
+    reason: why the group is not prunable (empty when it is), for reports.
+    marked: non-empty when a normalisation or reduction runs over the group's own channels
+      (LayerNorm, GroupNorm, a mean over features): zeroing a unit there is not the same as
+      removing it. Says where.
   """
 
   name: str
@@ -79,6 +83,8 @@ class ChannelGroup:
   gate: str
   prunable: bool = True
   gate_after_norm: bool = False
+  reason: str = ''
+  marked: str = ''
 
 
 def get_path(tree: Mapping[str, Any], path: Path) -> Any:

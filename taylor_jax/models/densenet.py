@@ -75,6 +75,11 @@ class DenseNet(nn.Module):
         w[f'transition{i}'] = n
     return w
 
+  def keep_whole(self) -> tuple[str, ...]:
+    """Producers whose channels the reference never gates (discovery's ``keep_whole``): only
+    the bottlenecks are pruned."""
+    return ('conv0', 'transition*', 'denseblock*_denselayer*/conv2')
+
   def groups(self) -> tuple[ChannelGroup, ...]:
     w, nblocks = self.widths, len(self.block_config)
     groups = []

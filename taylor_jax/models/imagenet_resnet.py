@@ -73,6 +73,11 @@ class ImageNetResNet(nn.Module):
     # torchvision: stride != 1 or inplanes != planes * expansion (structural, at full widths).
     return b == 0 and (s > 1 or self._bottleneck)
 
+  def keep_whole(self) -> tuple[str, ...]:
+    """Producers kept whole (discovery's ``keep_whole``): the bottleneck nets' stem, which the
+    reference does not gate."""
+    return ('conv1',) if self._bottleneck else ()
+
   def groups(self) -> tuple[ChannelGroup, ...]:
     blocks, bott = DEPTHS[self.depth][1], self._bottleneck
     last = 'conv3' if bott else 'conv2'
