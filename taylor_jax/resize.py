@@ -127,9 +127,7 @@ def _linen_fields(module: nn.Module, method_name: str, args: Sequence[Any],
     if q is not None:
       heads, head_dim = _leaf_shape(q)[-2:]
       fields['num_heads'] = heads
-      if module.qkv_features is not None or method_name == '__call__':
-        # qkv_features=None means "the input width"; that stays right unless the heads changed.
-        fields['qkv_features'] = heads * head_dim
+      fields['qkv_features'] = heads * head_dim  # (None meant "the input width")
     if out is not None and module.out_features is not None:
       fields['out_features'] = _leaf_shape(out)[-1]
     return fields
@@ -214,7 +212,8 @@ def _hardcoded_error(err: Exception, module: nn.Module) -> HardcodedWidthError:
     name, path, init, given = m['name'], m['path'] or '/', m['init'], m['given']
   else:
     name, path, init, given = '?', _module_path(module), '?', '?'
-  standard = isinstance(module, _STANDARD) and _module_path(module) == path
+  standard = (isinstance(module, _STANDARD) and type(module).__module__.startswith('flax.')
+              and _module_path(module) == path)
   what = (f'the standard layer {type(module).__name__} could not be resized to its parameter '
           '(please report this)' if standard else
           f'module {path!r} ({type(module).__name__}) computes the shape of parameter {name!r} '
@@ -281,10 +280,15 @@ def _path_str(path: Sequence[Any]) -> str:
   return '/'.join(str(p) for p in path) or '<root>'
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+  """Shape of an array or of an abstract value (jax.ShapeDtypeStruct)."""
+  return tuple(x.shape) if hasattr(x, 'shape') else tuple(np.shape(x))
+
+
 def _var_shape(var: Any) -> Optional[tuple[int, ...]]:
   if var is None or not isinstance(var, nnx.Variable):
     return None
-  return tuple(np.shape(var.get_value()))
+  return _shape(var.get_value())
 
 
 def _set(module: Any, updates: dict[str, Any], name: str, value: Any) -> None:
@@ -371,23 +375,22 @@ def _fix_nnx_module(path: str, module: Any) -> dict[str, Any]:
       per_group, out = k[-2], k[-1]
       if old_groups == 1:
         groups = 1
-      elif per_group == old_per_group:
+      elif per_group == old_per_group and (old_groups * out) % old_out == 0:
         # Depthwise (or whole groups removed): the channel multiplier old_out/old_groups stays.
-        if (old_groups * out) % old_out:
-          raise ResizeError(
-              f'{path} ({type(module).__name__}): grouped conv (feature_group_count='
-              f'{old_groups}, {old_in}->{old_out} channels) now has {out} output channels, '
-              f'not a multiple of its {old_out // old_groups} outputs per group; remove whole '
-              'groups (for a depthwise conv: the same channels from its input and output).')
+        # (The kernel does not show the input width, so removing the same number of outputs
+        # from every group while keeping every input is read this way too when it fits; pass
+        # overrides or example_input to settle it.)
         groups = old_groups * out // old_out
-      else:
+      elif out % old_groups == 0:
         # Units removed inside every group: the group count stays.
         groups = old_groups
-        if out % groups:
-          raise ResizeError(
-              f'{path} ({type(module).__name__}): grouped conv keeps {groups} groups '
-              f'({per_group} input channels per group) but has {out} output channels, not a '
-              f'multiple of {groups}.')
+      else:
+        raise ResizeError(
+            f'{path} ({type(module).__name__}): grouped conv (feature_group_count={old_groups}, '
+            f'{old_in}->{old_out} channels) now has {per_group} input channels per group and '
+            f'{out} outputs: neither whole groups removed (a multiple of '
+            f'{old_out // old_groups} outputs per group) nor the same number of units from every '
+            'group. For a depthwise conv, remove the same channels from its input and output.')
       _set(module, up, 'kernel_shape', k)
       _set(module, up, 'feature_group_count', groups)
       _set(module, up, 'in_features', per_group * groups)
@@ -480,8 +483,7 @@ def nnx_load_state(model: nnx.Module, state_dict: Mapping[Any, Any], *,
     var = variables.get(path)
     if var is None:
       continue
-    old = tuple(np.shape(var.get_value()))
-    new = tuple(np.shape(value))
+    old, new = _var_shape(var), _shape(value)
     if len(old) != len(new):
       raise ResizeError(f'{_path_str(path)}: new value has shape {new}, the variable {old} '
                         '(different rank)')
