@@ -1,0 +1,90 @@
+"""Masks and gates as parameter scalings (no gate in the model code), checked against the zoo's
+gated forward pass: masked == gated with 0/1 gates, and Taylor-FO-BN from parameter gradients
+== the gate gradient of the zoo's gates where the two definitions coincide (float64)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from taylor_jax import discovery, estimators, masking, models
+from taylor_jax.models import common
+
+
+def _setup(name, shape, dtype=jnp.float32):
+  model = models.create(name, 10, input_shape=shape[1:])
+  x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  # Non-trivial BN statistics and affine parameters, so that no identity hides a bug.
+  variables = jax.tree.map(
+      lambda a: a + 0.1 * jax.random.uniform(jax.random.PRNGKey(a.size), a.shape, a.dtype),
+      variables)
+  with common.reference_convolutions():
+    found = discovery.discover_groups(lambda v, x: model.apply(v, x), variables, x)
+  shapes = {discovery._path_keys(p): l.shape
+            for p, l in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  key = lambda g: frozenset((s.path, s.axis % len(shapes[s.path]), s.role, s.offset, s.repeat)
+                            for s in g.slices)
+  declared = {key(g): g for g in model.groups()}
+  pairs = [(declared[key(g)], g) for g in found.groups]  # (zoo group, discovered group)
+  return model, variables, x, pairs
+
+
+@pytest.mark.parametrize('name,shape', [('lenet3', (4, 28, 28, 1)), ('resnet8', (4, 28, 28, 1)),
+                                        ('preact_resnet18', (2, 32, 32, 3))])
+def test_masked_params_compute_what_zero_gates_compute(name, shape):
+  model, variables, x, pairs = _setup(name, shape)
+  rng = np.random.default_rng(0)
+  masks_zoo, masks_disc = {}, {}
+  for zoo_g, g in pairs:
+    m = (rng.random(g.width) > 0.4).astype(np.float32)
+    m[rng.integers(g.width)] = 1.0
+    masks_zoo[zoo_g.name], masks_disc[g.name] = m, m
+  groups = [g for _, g in pairs]
+  gated = model.apply(variables, x, gates=masks_zoo, train=False)
+  masked = model.apply(masking.apply_masks(variables, groups, masks_disc), x, train=False)
+  np.testing.assert_allclose(masked, gated, atol=2e-5, rtol=1e-5)
+
+
+def _loss(model, variables, x, labels, gates=None):
+  logits, _ = model.apply(variables, x, gates=gates, train=True, mutable=['batch_stats'])
+  return jnp.mean(estimators.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize('name,shape', [('lenet3', (4, 28, 28, 1)), ('resnet8', (4, 28, 28, 1))])
+def test_taylor_fo_bn_from_param_grads_equals_gate_grads_float64(name, shape):
+  with jax.enable_x64(True):
+    model, variables, x, pairs = _setup(name, shape, jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+    labels = jnp.arange(shape[0]) % 10
+    groups = [g for _, g in pairs]
+    ones_zoo = {zg.name: jnp.ones((zg.width,), jnp.float64) for zg, _ in pairs}
+    grads = jax.grad(lambda v: _loss(model, v, x, labels))(variables)
+    from_params = masking.gate_grads_from_params(groups, variables['params'], grads['params'])
+    zoo = jax.grad(lambda z: _loss(model, variables, x, labels, z))(ones_zoo)
+    ones = {g.name: jnp.ones((g.width,), jnp.float64) for g in groups}
+    # The parameter formula is the derivative of the parameter-scaling gate, for every group.
+    by_scaling = jax.grad(lambda z: _loss(
+        model, {**variables, 'params': masking.apply_gates(variables['params'], groups, z)},
+        x, labels))(ones)
+    for zg, g in pairs:
+      np.testing.assert_allclose(from_params[g.name], by_scaling[g.name], rtol=1e-9, atol=1e-12)
+      if zg.kind != 'residual':  # the definitions coincide: one gate right after its norm/ReLU
+        np.testing.assert_allclose(from_params[g.name], zoo[zg.name], rtol=1e-9, atol=1e-12)
+    # Stream scaling != the reference's shared skip gate where a stream is gated more than once
+    # (ResNet-8's stage 1: after the stem and after block 0; see taylor_jax.masking).
+    residual = [(zg, g) for zg, g in pairs if zg.kind == 'residual']
+    assert all(np.allclose(from_params[g.name], zoo[zg.name], rtol=1e-6) ==
+               (zg.name != 'stage1') for zg, g in residual)
+
+
+def test_per_unit_reads_offsets_and_repeats():
+  from taylor_jax.groups import Slice
+  x = jnp.arange(2 * 12, dtype=jnp.float32).reshape(2, 12)  # axis 1: 3 positions x 4 channels
+  s = Slice(('k',), 1, 'in', offset=1, repeat=3)
+  expect = np.zeros(2)
+  for c in range(2):
+    expect[c] = sum(float(x[r, p * 4 + 1 + c]) for r in range(2) for p in range(3))
+  np.testing.assert_allclose(masking.per_unit(x, s, 2), expect)
