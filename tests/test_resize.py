@@ -349,6 +349,40 @@ def test_linen_group_norm_keeps_num_groups_and_rejects_a_width_it_does_not_divid
     resize.linen_apply(Net(), bad, x)
 
 
+def test_linen_layer_norm_and_rms_norm_take_the_pruned_width_from_their_input():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.RMSNorm(name='rms')(nn.LayerNorm(name='ln')(nn.Dense(8, name='d')(x)))
+      return nn.Dense(2, name='o')(x)
+
+  x = jax.random.normal(jax.random.key(4), (3, 5))
+  v = linen_init(Net(), x)
+  g = [Slice(('params', 'd', 'kernel'), -1, 'out'), Slice(('params', 'd', 'bias'), 0, 'out'),
+       Slice(('params', 'ln', 'scale'), 0, 'norm'), Slice(('params', 'ln', 'bias'), 0, 'norm'),
+       Slice(('params', 'rms', 'scale'), 0, 'norm'), Slice(('params', 'o', 'kernel'), 0, 'in')]
+  _, sliced = remove(v, g, [1, 6])
+  # Not the zeroed network's function (the norms divide by the width), but it runs smaller.
+  assert resize.linen_apply(Net(), sliced, x).shape == (3, 2)
+
+
+def test_linen_depthwise_conv_with_outputs_not_matching_its_input_raises_clear_error():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (1, 1), name='a')(x)
+      return nn.Conv(8, (3, 3), feature_group_count=8, name='dw')(x)
+
+  x = jnp.ones((1, 5, 5, 2))
+  v = linen_init(Net(), x)
+  # Channels removed from the depthwise conv only, not from its input.
+  _, sliced = remove(v, [Slice(('params', 'dw', 'kernel'), -1, 'out'),
+                         Slice(('params', 'dw', 'bias'), 0, 'out')], [0, 1])
+  with pytest.raises(resize.ResizeError, match=r'/dw \(Conv\): grouped conv with 8 input '
+                     r'channels .* 6 output channels, not a multiple of 8 groups'):
+    resize.linen_apply(Net(), sliced, x)
+
+
 class HardcodedScale(nn.Module):
   width: int
 
