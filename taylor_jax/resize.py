@@ -228,13 +228,14 @@ def _hardcoded_error(err: Exception, module: nn.Module) -> HardcodedWidthError:
 _STANDARD = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed, nn.ConvTranspose, nn.linear._Conv,
              nn.MultiHeadDotProductAttention, nn.BatchNorm, nn.LayerNorm, nn.RMSNorm,
              nn.GroupNorm)
+_RESIZED = _STANDARD[:7]  # the layers with width fields (norms take theirs from the input)
 
 
 def _interceptor(next_fun: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
                  context: Any) -> Any:
   module = context.module
   fields = (_linen_fields(module, context.method_name, args, kwargs)
-            if isinstance(module, _STANDARD) else {})
+            if isinstance(module, _RESIZED) else {})
   fields = {k: v for k, v in fields.items() if getattr(module, k) != v}
   old = {k: getattr(module, k) for k in fields}
   for k, v in fields.items():
@@ -461,7 +462,11 @@ def nnx_load_state(model: nnx.Module, state_dict: Mapping[Any, Any], *,
       custom modules or to choose e.g. a GroupNorm's ``num_groups``.
     example_input: if given (an array, or a tuple of positional arguments), runs an abstract
       forward pass afterwards (:func:`nnx_check_forward`); a failure is re-raised as a
-      :class:`ResizeError` naming the innermost module that failed.
+      :class:`ResizeError` naming the innermost module that failed (the model stays loaded:
+      fix it with ``overrides`` and load again).
+
+  An error while loading or fixing attributes (e.g. a grouped conv whose new widths fit no
+  group count) leaves the model as it was.
     strict: raise if ``state_dict`` names something that is not a variable of the model.
   """
   flat = {_norm_key(k): v for k, v in _flatten(state_dict).items()}
@@ -477,7 +482,15 @@ def nnx_load_state(model: nnx.Module, state_dict: Mapping[Any, Any], *,
     raise ResizeError(f'state_dict names {len(unknown)} entries that are not variables of the '
                       f'model, e.g. {[_path_str(p) for p in unknown[:5]]}')
 
-  # Old sizes of every axis that changes, per variable (for the stale-attribute check).
+  by_path = dict(modules)
+  targets = {}
+  for key in overrides or {}:
+    path = tuple(_norm_key(key.split('/') if isinstance(key, str) else key))
+    if path not in by_path:
+      raise ResizeError(f'overrides: no module at {_path_str(path)}')
+    targets[path] = overrides[key]
+
+  # Check every value first; old sizes of every axis that changes (for the stale check).
   changed: dict[tuple, list[tuple[int, int, int]]] = {}
   for path, value in flat.items():
     var = variables.get(path)
@@ -493,24 +506,32 @@ def nnx_load_state(model: nnx.Module, state_dict: Mapping[Any, Any], *,
                         'on some axis; nnx_load_state only shrinks')
     if diffs:
       changed[path] = diffs
-    if not isinstance(value, jax.Array):
-      value = jax.numpy.asarray(value)
-    var.set_value(value)
 
+  # Load, fix the attributes; on an error, put the old values and attributes back.
+  old_values = {p: variables[p].get_value() for p in flat if p in variables}
+  old_attrs = {p: dict(vars(m)) for p, m in modules}
   updated: dict[tuple, dict[str, Any]] = {}
-  for path, module in modules:
-    up = _fix_nnx_module(_path_str(path), module)
-    if up:
-      updated[path] = up
-
-  for key, attrs in (overrides or {}).items():
-    path = tuple(_norm_key(key.split('/') if isinstance(key, str) else key))
-    target = dict(modules).get(path)
-    if target is None:
-      raise ResizeError(f'overrides: no module at {_path_str(path)}')
-    for name, value in attrs.items():
-      setattr(target, name, value)
-      updated.setdefault(path, {})[name] = value
+  try:
+    for path, value in flat.items():
+      if path in variables:
+        variables[path].set_value(value if isinstance(value, jax.Array)
+                                  else jax.numpy.asarray(value))
+    for path, module in modules:
+      up = _fix_nnx_module(_path_str(path), module)
+      if up:
+        updated[path] = up
+    for path, attrs in targets.items():
+      for name, value in attrs.items():
+        setattr(by_path[path], name, value)
+        updated.setdefault(path, {})[name] = value
+  except Exception:
+    for p, v in old_values.items():
+      variables[p].set_value(v)
+    for p, m in modules:
+      for name in updated.get(p, {}):
+        if name in old_attrs[p]:
+          object.__setattr__(m, name, old_attrs[p][name])
+    raise
 
   _warn_stale(modules, changed, updated)
   if example_input is not None:

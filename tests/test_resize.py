@@ -615,3 +615,15 @@ def test_nnx_load_state_rejects_unknown_paths_and_growth():
     resize.nnx_load_state(net, {'d': {'nope': np.zeros(3)}})
   with pytest.raises(resize.ResizeError, match='larger'):
     resize.nnx_load_state(net, {'d': {'bias': np.zeros(9)}})
+
+
+def test_nnx_load_state_error_leaves_the_model_as_it_was():
+  conv = nnx_init(lambda: nnx.Conv(8, 6, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
+  s = resize.nnx_pure_state(conv)
+  _, s = remove(s, [Slice(('kernel',), 2, 'in')], [1])           # 4 -> 3 inputs per group
+  _, s = remove(s, [Slice(('kernel',), 3, 'out'), Slice(('bias',), 0, 'out')], [0])  # 5 outputs
+  with pytest.raises(resize.ResizeError, match=r'grouped conv .*feature_group_count=2'):
+    resize.nnx_load_state(conv, s)
+  assert conv.kernel.shape == (3, 3, 4, 6) and conv.bias.shape == (6,)
+  assert (conv.feature_group_count, conv.in_features, conv.out_features) == (2, 8, 6)
+  assert conv(jnp.ones((1, 4, 4, 8))).shape == (1, 4, 4, 6)
