@@ -293,9 +293,11 @@ def _var_shape(var: Any) -> Optional[tuple[int, ...]]:
 
 
 def _set(module: Any, updates: dict[str, Any], name: str, value: Any) -> None:
+  """Sets an attribute the layer derives from its variables (recorded even when unchanged: the
+  stale-attribute check skips the attributes that are kept right here)."""
   if getattr(module, name, None) != value:
     setattr(module, name, value)
-    updates[name] = value
+  updates[name] = value
 
 
 def _fix_nnx_module(path: str, module: Any) -> dict[str, Any]:
@@ -320,6 +322,14 @@ def _fix_nnx_module(path: str, module: Any) -> dict[str, Any]:
                           f'a multiple of {module.num_kv_heads} key/value heads after pruning.')
     if o is not None:
       _set(module, up, 'out_features', o[-1])
+    v = _var_shape(getattr(getattr(module, 'value'), 'kernel', None))
+    if (q is not None and v is not None and q[-1] != v[-1] and module.dropout_rate == 0.0 and
+        module.attention_fn is nnx.dot_product_attention):
+      raise ResizeError(
+          f'{path} (MultiHeadAttention): query/key head_dim {q[-1]} != value head_dim {v[-1]}; '
+          'without dropout nnx.dot_product_attention calls jax.nn.dot_product_attention, which '
+          'needs one head_dim for q, k and v: prune q/k/v/out head_dim units together (or '
+          'whole heads).')
     return up
 
   if isinstance(module, nnx.LinearGeneral):
@@ -404,8 +414,10 @@ def _fix_nnx_module(path: str, module: Any) -> dict[str, Any]:
       c = s[-1]
       if c % module.num_groups == 0:
         _set(module, up, 'group_size', c // module.num_groups)
+        _set(module, up, 'num_groups', module.num_groups)
       elif c % module.group_size == 0:
         _set(module, up, 'num_groups', c // module.group_size)
+        _set(module, up, 'group_size', module.group_size)
       else:
         raise ResizeError(
             f'{path} (GroupNorm, num_groups={module.num_groups}, group_size='

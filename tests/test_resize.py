@@ -627,3 +627,16 @@ def test_nnx_load_state_error_leaves_the_model_as_it_was():
   assert conv.kernel.shape == (3, 3, 4, 6) and conv.bias.shape == (6,)
   assert (conv.feature_group_count, conv.in_features, conv.out_features) == (2, 8, 6)
   assert conv(jnp.ones((1, 4, 4, 8))).shape == (1, 4, 4, 6)
+
+
+def test_nnx_attention_refuses_a_value_head_dim_that_differs_from_query_head_dim():
+  # nnx.dot_product_attention without dropout is jax.nn.dot_product_attention (one head_dim);
+  # Linen's attention accepts it (see the Linen attention test above).
+  mha = nnx_init(lambda: nnx.MultiHeadAttention(2, 6, qkv_features=8, decode=False,
+                                                rngs=nnx.Rngs(0)))
+  _, s = remove(resize.nnx_pure_state(mha), [
+      Slice(('value', 'kernel'), 2, 'out'), Slice(('value', 'bias'), 1, 'out'),
+      Slice(('out', 'kernel'), 1, 'in')], [0])
+  with pytest.raises(resize.ResizeError, match='head_dim 4 != value head_dim 3'):
+    resize.nnx_load_state(mha, s)
+  assert mha.value.kernel.shape == (6, 2, 4)
