@@ -526,6 +526,11 @@ def _dot_general(t: _Tracer, eqn, ins, ctx, sub_ctx) -> None:
   lhs, rhs = ins
   for a, b in zip(lc, rc):
     t.join(lhs[a], rhs[b])
+  if t.is_act(ctx, eqn.invars[0]) and t.is_act(ctx, eqn.invars[1]):
+    # Two activations contracted (attention scores q.k): such products are scaled by a width-
+    # dependent literal (1/sqrt(head_dim)), so zeroing a unit is not removing it.
+    t.mark([lhs[a] for a in lc], 'reduced', f'contracted between two activations at '
+           f'{_where(eqn)} (attention scores are scaled by 1/sqrt(width))')
   for a, b in zip(lb, rb):
     t.join(lhs[a], rhs[b])
   lfree = [a for a in range(len(lhs)) if a not in lc and a not in lb]
@@ -914,6 +919,7 @@ def _groups_from_atoms(t: _Tracer, collections: bool, keep_whole: Sequence[str],
 
   # root -> list of (slice, module) in variable order
   found: dict[int, list[tuple[Slice, Path, str]]] = {}
+  irregular: dict[int, tuple[Path, int, Path]] = {}
   excluded = []
   for info in t.vars:
     module = _module_of(info.path, collections)
@@ -925,10 +931,8 @@ def _groups_from_atoms(t: _Tracer, collections: bool, keep_whole: Sequence[str],
           continue
         pr = _periodic(leaves, root, atoms.size)
         if pr is None:
-          raise DiscoveryError(
-              f'channels of {_path_str(info.path)} (axis {axis}) occupy positions that are not '
-              'one offset per repeated period (an interleaving reshape?), so no slice can '
-              f'describe them. Keep that module whole: keep_whole=["{_path_str(module)}"].')
+          irregular.setdefault(root, (info.path, axis, module))
+          continue
         offset, repeat = pr
         uses = info.uses.get(axis, set())
         if 'in' in uses:
@@ -959,6 +963,12 @@ def _groups_from_atoms(t: _Tracer, collections: bool, keep_whole: Sequence[str],
       # Not a channel axis of any layer: a kernel's spatial axis, a positional embedding's
       # token axis. Never pruned.
       continue
+    if root in irregular:
+      path, axis, module = irregular[root]
+      raise DiscoveryError(
+          f'channels of {_path_str(path)} (axis {axis}) occupy positions that are not one offset '
+          'per repeated period (an interleaving reshape?), so no slice can describe them. Keep '
+          f'that module whole: keep_whole=["{_path_str(module)}"].')
     kernels = sorted((s for s, m, r, used in entries if r == 'out' and used),
                      key=lambda s: info_of[s.path].first_use)
     producers = list(dict.fromkeys(s.path[:-1] for s in kernels

@@ -41,6 +41,11 @@ def names() -> list[str]:
   return sorted(_ZOO)
 
 
+def is_user_model(name: str) -> bool:
+  """``'package.module:Factory'``: a user's Linen or NNX model (see models/any_model.py)."""
+  return ':' in name
+
+
 def _lookup(name: str):
   if name not in _ZOO:
     raise ValueError(f'unknown model {name!r}; choose one of {names()} '
@@ -48,8 +53,13 @@ def _lookup(name: str):
   return _ZOO[name]
 
 
-def full_widths(name: str) -> dict[str, int]:
-  """Unpruned widths (group name -> units) of a zoo model."""
+def full_widths(name: str, num_classes: Optional[int] = None,
+                input_shape: Optional[Sequence[int]] = None) -> dict[str, int]:
+  """Unpruned widths (group name -> units) of a zoo model, or of a user model (which needs
+  ``num_classes`` and ``input_shape`` for its discovery)."""
+  if is_user_model(name):
+    from taylor_jax.models import any_model
+    return any_model.from_spec(name, num_classes, tuple(input_shape)).full_widths
   cls, kwargs = _lookup(name)
   import inspect
   accepted = inspect.signature(cls.full_widths).parameters
@@ -64,6 +74,12 @@ def create(name: str, num_classes: int, widths: Optional[Mapping[str, int]] = No
   ``input_shape`` (one example, e.g. ``(32, 32, 3)``) sets ``image_size`` for the models whose
   channel groups depend on it (LeNet3: the flatten before fc1); others ignore it.
   """
+  if is_user_model(name):
+    if input_shape is None:
+      raise ValueError(f'model {name!r} is a user model: create() needs its input_shape')
+    from taylor_jax.models import any_model
+    base = any_model.from_spec(name, num_classes, tuple(input_shape))
+    return base.clone(widths=widths, axis_name=axis_name)
   cls, kwargs = _lookup(name)
   if input_shape is not None and 'image_size' in getattr(cls, '__dataclass_fields__', {}):
     overrides = {'image_size': int(input_shape[0]), **overrides}
