@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   # machine before the first pruning step, engine.py).
   c.prune.rank_by = 'score'
   c.prune.surgery = True  # physically shrink the network (False: mask only, as the reference)
+  # Before the first step: the groups cover the model and surgery == masking at random widths;
+  # at every surgery: the smaller network runs the same primitives (taylor_jax/checks.py).
+  c.prune.check_groups = True
   c.prune.surgery_every = 1  # pruning steps between surgeries
   c.prune.learning_rate = 0.01  # constant SGD lr while pruning
   c.prune.eval_examples = 2000  # test examples evaluated after each pruning step (0: none)
@@ -140,7 +143,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError on values that cannot work, before any data or model is touched."""
   from taylor_jax import estimators, models  # noqa: deferred to keep config files light
   from taylor_jax.data import input_pipeline
-  models._lookup(c.model)
+  if models.is_user_model(c.model):
+    from taylor_jax.models import any_model
+    any_model.load_factory(c.model)  # importable and present, before any data is read
+  else:
+    models._lookup(c.model)
   input_pipeline.check_dataset_name(c.dataset)
   _check(c.train.batch_size >= 1, f'train.batch_size={c.train.batch_size}: must be >= 1')
   _check(c.train.epochs >= 0, f'train.epochs={c.train.epochs}: must be >= 0')

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from taylor_jax import checkpoint, configlib, costs, engine, estimators, methods, models, report
+from taylor_jax import checkpoint, checks, configlib, costs, engine, estimators, methods, models
+from taylor_jax import report
 from taylor_jax import surgery
 from taylor_jax import train
 from taylor_jax.data import input_pipeline
@@ -201,12 +202,13 @@ class _Job:
     self.spe = self.train_split.steps_per_epoch
     self.baseline_steps = int(round(c.train.epochs * self.spe))
     self.finetune_steps = int(round(c.prune.finetune_epochs * self.spe))
-    self.full_widths = models.full_widths(c.model)
+    self.full_widths = models.full_widths(c.model, self.info.num_classes, self.input_shape)
     self.constraints = engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align)
     self.estimator = estimators.get(c.prune.estimator, **c.prune.estimator_options.to_dict()) \
         if c.prune.enabled else None
     self.mngr = checkpoint.manager(workdir)
     self.wall_start = time.time()
+    self.structure = None  # primitives of the full network's forward pass (checks.structure)
 
   # -- model / optimizer per phase -----------------------------------------------------------
   def tx_for(self, phase: str):
@@ -225,6 +227,12 @@ class _Job:
     self.widths = dict(widths)
     self.model = models.create(self.config.model, self.info.num_classes, self.widths,
                                input_shape=self.input_shape)
+    if self.config.prune.check_groups:
+      # Every surgery: the smaller network must run the same computation (checks module doc).
+      if self.structure is None:
+        self.structure = checks.structure(
+            self.model.clone(widths=self.full_widths), self.input_shape)
+      checks.check_structure(self.structure, self.model, self.input_shape)
     self.groups = self.model.groups()
     self.tx = self.tx_for(phase)
     self.train_step = train.make_train_step(
@@ -370,6 +378,17 @@ def _init_from_torchvision(job: _Job):
   return train.create_train_state(variables, job.tx, widths=w)
 
 
+def _check_groups_before_training(job: _Job, host_state, seed: int) -> None:
+  """The groups the run will prune describe the model (checks.check_coverage) and surgery at
+  random widths computes what masking computes (checks.probe_surgery); raises naming the group."""
+  t0 = time.time()
+  checks.check_coverage(job.model, job.input_shape)
+  variables = {'params': host_state.params, 'batch_stats': host_state.batch_stats}
+  diff = checks.probe_surgery(job.model, variables, job.input_shape, seed=seed)
+  logging.info('groups checked: %d groups, surgery probe max relative diff %.1e (%.1f s)',
+               len(job.groups), diff, time.time() - t0)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the main job in ``workdir``; returns the report dict."""
   configlib.validate(config)
@@ -380,7 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   full_flops = costs.flops(full_model, input_shape)
   full_params = costs.params(full_model, input_shape)
   if c.prune.enabled:  # refuse unreachable targets before any data is read or file written
-    _check_target_feasible(c, full_model.groups(), models.full_widths(c.model),
+    _check_target_feasible(c, full_model.groups(), dict(full_model.widths),
                            engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align),
                            full_model, input_shape, full_flops, full_params)
   job = _Job(config, workdir)
@@ -415,6 +434,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       phase = 'baseline'
       job.build(job.full_widths, phase)
       state = job.fresh_state(job.full_widths, phase, c.seed)
+  if c.prune.enabled and meta is None and c.prune.check_groups:
+    _check_groups_before_training(job, jax.device_get(state), c.seed)
   state = train.replicate(job.mesh, state)
   full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
 
