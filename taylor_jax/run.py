@@ -385,8 +385,13 @@ def _check_groups_before_training(job: _Job, host_state, seed: int) -> None:
   checks.check_coverage(job.model, job.input_shape)
   variables = {'params': host_state.params, 'batch_stats': host_state.batch_stats}
   diff = checks.probe_surgery(job.model, variables, job.input_shape, seed=seed)
-  logging.info('groups checked: %d groups, surgery probe max relative diff %.1e (%.1f s)',
-               len(job.groups), diff, time.time() - t0)
+  rec = {'phase': 'group_check', 'groups': len(job.groups),
+         'prunable': sum(g.prunable for g in job.groups),
+         'marked': [g.name for g in job.groups if g.marked],
+         'kept_whole': {g.name: g.reason for g in job.groups if not g.prunable},
+         'probe_max_rel_diff': diff, 'seconds': time.time() - t0}
+  _log_metrics(job.workdir, rec)
+  logging.info('groups checked: %s', rec)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Models that are not in the zoo, pruned end to end by the main job with discovered groups.
+
+Runs ``python -m taylor_jax.main --config=configs/fashion_mnist_<name>.py`` for every example
+model (plain Flax code in taylor_jax/models/examples/, Linen and NNX) and writes
+``experiments/results/any_model.{json,md}``: groups found, prunable, marked (normalised over
+their channels), the surgered-vs-masked probe before training, FLOPs cut, accuracy change and
+latency. Resumable: a run whose workdir holds report.json is read, an unfinished one resumes.
+
+  python experiments/any_model_runs.py [--names concat_cnn,...] [--runs_dir DIR] [-- extra flags]
+
+Extra flags after ``--`` go to every run (e.g. ``--config.train.limit_examples=2000`` for a smoke
+run into another ``--runs_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ('concat_cnn', 'mobilenet_v2_linen', 'mobilenet_v2_nnx', 'vit_tiny_linen', 'vit_tiny_nnx')
+
+
+def _read_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(name, runs_dir, extra):
+  workdir = os.path.join(runs_dir, name)
+  report = os.path.join(workdir, 'report.json')
+  if not os.path.exists(report):
+    cmd = [sys.executable, '-m', 'taylor_jax.main', f'--config=configs/fashion_mnist_{name}.py',
+           f'--workdir={workdir}', *extra]
+    print('+', shlex.join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(os.path.join(workdir, 'wall_s.json'), 'a') as f:
+      f.write(json.dumps({'wall_s': time.time() - t0}) + '\n')
+  with open(report) as f:
+    rep = json.load(f)
+  metrics = _read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  check = [m for m in metrics if m.get('phase') == 'group_check']
+  walls = _read_jsonl(os.path.join(workdir, 'wall_s.json'))
+  b, p = rep['baseline'], rep['pruned']
+  return {'name': name, 'model': rep['config']['model'],
+          'groups': check[0]['groups'] if check else None,
+          'prunable': check[0]['prunable'] if check else None,
+          'marked': check[0]['marked'] if check else None,
+          'probe_max_rel_diff': check[0]['probe_max_rel_diff'] if check else None,
+          'baseline_accuracy': b['test_accuracy'], 'pruned_accuracy': p['test_accuracy'],
+          'flops_cut': 1 - p['flops'] / b['flops'], 'params_cut': 1 - p['params'] / b['params'],
+          'latency_b64_ms': [b.get('latency_ms_b64'), p.get('latency_ms_b64')],
+          'widths': p.get('widths'),
+          'epochs': [rep['config']['train']['epochs'], rep['config']['prune']['finetune_epochs']],
+          'wall_s': sum(w['wall_s'] for w in walls)}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--names', default=','.join(NAMES))
+  ap.add_argument('--runs_dir', default=os.path.expanduser('~/taylor_jax_runs/any_model'))
+  ap.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
+  args, extra = ap.parse_known_args()
+  extra = [e for e in extra if e != '--']
+  command = shlex.join(['python', 'experiments/any_model_runs.py', *sys.argv[1:]])
+  rows = []
+  for name in args.names.split(','):  # results rewritten after every run: a long study resumes
+    rows.append(run_one(name, args.runs_dir, extra))
+    write(rows, command, args.results_dir)
+
+
+def write(rows, command, results_dir):
+  args = argparse.Namespace(results_dir=results_dir)
+  with open(os.path.join(args.results_dir, 'any_model.json'), 'w') as f:
+    json.dump({'command': command, 'rows': rows}, f, indent=1)
+  lines = [f'Command: `{command}`', '',
+           '| model | groups | prunable | marked | probe diff | baseline acc | pruned acc | '
+           'FLOPs cut | params cut | latency b64 (ms) | epochs (base+ft) | wall (s) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lat = r['latency_b64_ms']
+    lines.append(
+        f"| {r['model'].split('.')[-1]} | {r['groups']} | {r['prunable']} | "
+        f"{len(r['marked'] or [])} | {r['probe_max_rel_diff']:.1e} | "
+        f"{100 * r['baseline_accuracy']:.2f} | {100 * r['pruned_accuracy']:.2f} | "
+        f"{100 * r['flops_cut']:.1f}% | {100 * r['params_cut']:.1f}% | "
+        f"{lat[0]:.2f} -> {lat[1]:.2f} | {r['epochs'][0]:g}+{r['epochs'][1]:g} | "
+        f"{r['wall_s']:.0f} |")
+  with open(os.path.join(args.results_dir, 'any_model.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
