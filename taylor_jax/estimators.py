@@ -192,6 +192,18 @@ def taylor_fo_bn(ctx: ScoreContext) -> Scores:
   return {k: jnp.square(g) for k, g in ctx.gate_grads().items()}
 
 
+@register('taylor_fo_bn_stream')
+def taylor_fo_bn_stream(ctx: ScoreContext) -> Scores:
+  """``(dL/dz)^2`` with ``z`` scaling each group's norms (or producers when it has none), from the
+  parameter gradients (:func:`taylor_jax.masking.gate_grads_from_params`). Equals
+  ``taylor_fo_bn`` except on a residual stream gated more than once, where ``z`` scales the
+  whole stream once instead of multiplying it again after every block (the reference's shared
+  skip gate); this is the gate of models without gate code (discovered groups)."""
+  from taylor_jax import masking  # noqa: deferred (masking imports nothing from here)
+  grads = masking.gate_grads_from_params(ctx.groups, ctx.params, ctx.param_grads())
+  return {k: jnp.square(g) for k, g in grads.items()}
+
+
 # =============================================================================================
 # Per-unit reduction of parameter-shaped trees
 # =============================================================================================

@@ -88,3 +88,20 @@ def test_per_unit_reads_offsets_and_repeats():
   for c in range(2):
     expect[c] = sum(float(x[r, p * 4 + 1 + c]) for r in range(2) for p in range(3))
   np.testing.assert_allclose(masking.per_unit(x, s, 2), expect)
+
+
+def test_stream_estimator_is_the_parameter_gate_squared():
+  model, variables, x, pairs = _setup('resnet8', (2, 28, 28, 1))
+  groups = [zg for zg, _ in pairs]
+  labels = jnp.arange(2) % 10
+  ctx = estimators.ScoreContext(model, groups, variables['params'], variables['batch_stats'],
+                                {g.name: jnp.ones(g.width) for g in groups},
+                                {'image': x, 'label': labels}, train=True)
+  got = estimators.get('taylor_fo_bn_stream')(ctx)
+  grads = jax.grad(lambda p: _loss(model, {**variables, 'params': p}, x, labels))(
+      variables['params'])
+  want = masking.gate_grads_from_params(groups, variables['params'], grads)
+  for g in groups:
+    np.testing.assert_allclose(got[g.name], np.square(want[g.name]), rtol=1e-5, atol=1e-12)
+  fo_bn = estimators.get('taylor_fo_bn')(ctx)
+  np.testing.assert_allclose(got['stage1.block0'], fo_bn['stage1.block0'], rtol=1e-4, atol=1e-10)
