@@ -28,6 +28,7 @@ Registered criteria (reference ids of NVlabs/Taylor_pruning in brackets):
 
 =========================  ================================================================
 ``taylor_fo_bn`` [22]      ``(dL/dz)^2`` (sum over batch/space, then square)
+``taylor_fo_bn_stream``    ``(dL/dz)^2``, ``z`` scaling the group's norms (a stream once)
 ``taylor_fo_bn_fg`` [23]   ``sum_b (dL_b/dz)^2``, one backward pass with per-example gates
 ``taylor_fo_weight`` [0]   ``sum (w g)^2`` over the producer ('out') slices
 ``taylor_fo_weight_exact`` ``(sum w g)^2`` over every slice of the group (paper's group form)
