@@ -128,7 +128,8 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
                                              tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted data-parallel train step ``(state, batch) -> (state, metrics)``.
 
-  ``batch`` holds global arrays sharded over ``data`` (see :func:`shard_batch`). With an
+  ``batch`` holds global arrays sharded over ``data`` (see :func:`shard_batch`); ``metrics``:
+  ``loss``, ``accuracy`` and ``grad_norm`` (global norm of the gradient). With an
   ``estimator``, its per-unit scores of this minibatch (zeroed at pruned units) are added to
   ``state.score_sum``.
   """
@@ -170,6 +171,9 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
     metrics = jax.lax.pmean({'loss': loss,
                              'accuracy': jnp.mean(_top_k_correct(logits, batch['label'], 1))},
                             DATA_AXIS)
+    # Of the device-averaged gradient (the same on every device): a NaN gradient would leave
+    # the loss finite for one more step but the weights NaN (run.py stops at either).
+    metrics['grad_norm'] = optax.global_norm(grads)
     return new, metrics
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
