@@ -14,8 +14,10 @@ falls back to the newest one that restores completely and names the others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
+import sys
 from typing import Any, Callable, Optional
 
 import flax
@@ -70,6 +72,45 @@ def _why(e: BaseException) -> str:
   return f'{type(e).__name__}: {first[:300]}'
 
 
+class _DropLeftoverReadErrors(logging.Filter):
+  """asyncio's 'Task exception was never retrieved' for reads of the damaged checkpoints: the
+  same error restore_newest reports once (with the step and what to do)."""
+
+  def __init__(self):
+    super().__init__()
+    self.dirs: list[str] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else '')
+    return not any(d in text for d in self.dirs)
+
+
+_LEFTOVER_FILTER = _DropLeftoverReadErrors()
+_hook_installed = False
+
+
+def _quiet_leftover_reads() -> None:
+  """A failed orbax restore leaves tensorstore reads of the damaged checkpoint pending; each that
+  finishes calls back into orbax's closed event loop, and Python prints every one as a
+  'RuntimeError: Event loop is closed' traceback (dozens, interleaved with the run's log).
+  Those are dropped (they only ever come from such leftovers; other errors still print), as
+  is asyncio's log of the read error of a checkpoint already reported (``_LEFTOVER_FILTER``)."""
+  global _hook_installed
+  if _hook_installed:
+    return
+  _hook_installed = True
+  logging.getLogger('asyncio').addFilter(_LEFTOVER_FILTER)
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def restore_newest(mngr: ocp.CheckpointManager, template_fn: Callable[[dict[str, Any]], Any],
                    check_meta: Optional[Callable[[dict[str, Any]], None]] = None
                    ) -> Optional[Restored]:
@@ -82,6 +123,7 @@ def restore_newest(mngr: ocp.CheckpointManager, template_fn: Callable[[dict[str,
   :class:`DamagedCheckpointError` lists every one.
   """
   failures = []
+  _quiet_leftover_reads()
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       meta = read_meta(mngr, step)
@@ -94,6 +136,7 @@ def restore_newest(mngr: ocp.CheckpointManager, template_fn: Callable[[dict[str,
       state = restore_state(mngr, lambda: template_fn(meta), step=step)
     except Exception as e:  # noqa: as above
       failures.append((step, step_dir(mngr, step), f'state ({_why(e)})'))
+      _LEFTOVER_FILTER.dirs.append(step_dir(mngr, step))
       continue
     return Restored(step, meta, state, failures)
   if failures:

@@ -683,6 +683,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     if 'latency_table' in extra:
       result['latency_table'] = extra['latency_table']
   result['config'] = json.loads(c.to_json_best_effort())
+  if 'config_changes' in extra:  # resumed under --allow_config_change: the saved values differ
+    result['config_changes'] = extra['config_changes']
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:
     report.write(workdir, result)
