@@ -122,7 +122,11 @@ def _stop_nonfinite(job, what: str, step: int, phase: str, fix: str) -> None:
 def _check_estimator(job, state, name: str) -> None:
   """The configured estimator's output on the first training batch (estimators.probe)."""
   host = jax.device_get(state)
-  first = next(iter(job.train_split.batches(0)))
+  it = job.train_split.batches(0)
+  try:
+    first = next(it)
+  finally:
+    it.close()  # stops its prefetch thread now
   # A few examples suffice to check shapes and finiteness (and keep this compile small).
   batch = {k: np.asarray(v)[:8] for k, v in first.items() if k in ('image', 'label')}
   estimators.probe(name, job.estimator, job.model, job.groups, host.params, host.batch_stats,
