@@ -532,11 +532,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       # The loop waits for every step anyway (int(state.step)); a NaN is caught at its step,
       # before anything computed from it is saved.
       m = jax.device_get(metrics)
-      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])
+              and m['params_finite']):
         lr = _lr_field(phase)
-        _stop_nonfinite(job, f'the training loss is {m["loss"]} (gradient norm '
-                             f'{m["grad_norm"]})', step, phase,
-                        f'Lower {lr} (now {c[lr.split(".")[0]][lr.split(".")[1]]}).')
+        section, field = lr.split('.')
+        _stop_nonfinite(job, f'the training loss is {m["loss"]} (gradient norm {m["grad_norm"]}'
+                             f'{"" if m["params_finite"] else ", weights not finite after it"})',
+                        step, phase, f'Lower {lr} (now {c[section][field]}).')
       bar.update(1)
       losses.append(metrics)
       if step % log_every == 0:
