@@ -2,10 +2,15 @@
 
 A config file under ``configs/`` calls :func:`base_config` and overrides fields; the command
 line overrides further (``--config.train.epochs=3``). :func:`validate` raises a ValueError that
-names the field, the bad value and what to use instead.
+names the field, the bad value and what to use instead. :func:`result_changes` says which
+fields of a resumed run's saved config differ from the new one in a way that changes the result.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from typing import Any
 
 import ml_collections
 
@@ -139,8 +144,53 @@ def _check_init_torchvision(c: ml_collections.ConfigDict) -> None:
            f'OUT.npz --model={c.model}')
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on values that cannot work, before any data or model is touched."""
+def flat_items(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """``{'train.epochs': 3.0, ...}`` of a ConfigDict or nested dict (leaves as they are)."""
+  out = {}
+  items = tree.items() if hasattr(tree, 'items') else []
+  for k, v in items:
+    key = f'{prefix}{k}'
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flat_items(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def _check_finite(c: ml_collections.ConfigDict) -> None:
+  """Every float field (method options included) is a finite number: NaN passes every range
+  comparison below as False and inf as True, and either would train to a NaN network."""
+  for key, v in flat_items(c).items():
+    for x in (v if isinstance(v, (list, tuple)) else [v]):
+      if isinstance(x, float) and not math.isfinite(x):
+        _check(False, f'{key}={x}: must be a finite number')
+
+
+def check_devices(c: ml_collections.ConfigDict, devices: int | None = None,
+                  processes: int | None = None) -> None:
+  """Global batches are split evenly over every device of every process (train.py's mesh);
+  ``devices``/``processes`` default to ``jax.device_count()``/``jax.process_count()``."""
+  if devices is None or processes is None:
+    import jax  # noqa: deferred: config files import this module
+    devices, processes = jax.device_count(), jax.process_count()
+  n = math.lcm(devices, processes)
+  where = (f'the {devices} device(s) of {processes} process(es)' if processes > 1
+           else f'the {devices} device(s) (jax.device_count())')
+  for key in ('batch_size', 'eval_batch_size'):
+    v = c.train[key]
+    if v % n:
+      lo, hi = v // n * n, (v // n + 1) * n
+      _check(False, f'train.{key}={v}: must be a multiple of {n}, to split evenly over {where}; '
+                    f'use {hi}' + (f' or {lo}' if lo else ''))
+
+
+def validate(c: ml_collections.ConfigDict, devices: int | None = None,
+             processes: int | None = None) -> None:
+  """Raises ValueError on values that cannot work, before any data or model is touched.
+
+  ``devices``/``processes`` (default: ``jax.device_count()``/``jax.process_count()``) are what
+  the batch sizes must divide.
+  """
   from taylor_jax import estimators, models  # noqa: deferred to keep config files light
   from taylor_jax.data import input_pipeline
   if models.is_user_model(c.model):
@@ -149,12 +199,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
   else:
     models._lookup(c.model)
   input_pipeline.check_dataset_name(c.dataset)
+  _check_finite(c)
   _check(c.train.batch_size >= 1, f'train.batch_size={c.train.batch_size}: must be >= 1')
   _check(c.train.epochs >= 0, f'train.epochs={c.train.epochs}: must be >= 0')
   _check(c.train.eval_batch_size >= 1, f'train.eval_batch_size={c.train.eval_batch_size}')
+  for key in ('checkpoint_every_steps', 'log_every_steps'):
+    _check(c.train[key] >= 1, f'train.{key}={c.train[key]}: must be >= 1')
+  _check(c.train.crop_pad >= 0, f'train.crop_pad={c.train.crop_pad}: must be >= 0')
+  for key in ('limit_examples', 'limit_eval_examples'):
+    v = c.train[key]
+    _check(v is None or v >= 1, f'train.{key}={v}: must be >= 1 (None: the whole split)')
+  _check(c.image_size is None or c.image_size >= 1, f'image_size={c.image_size}: must be >= 1')
+  check_devices(c, devices, processes)
   _check(c.optim.learning_rate > 0, f'optim.learning_rate={c.optim.learning_rate}: must be > 0')
   _check(0 <= c.optim.momentum < 1, f'optim.momentum={c.optim.momentum}: must be in [0, 1)')
   _check(c.optim.weight_decay >= 0, f'optim.weight_decay={c.optim.weight_decay}: must be >= 0')
+  _check(c.optim.warmup_epochs >= 0, f'optim.warmup_epochs={c.optim.warmup_epochs}: must be >= 0')
+  _check(c.optim.decay_factor > 0, f'optim.decay_factor={c.optim.decay_factor}: must be > 0')
+  _check(all(e >= 0 for e in c.optim.decay_epochs),
+         f'optim.decay_epochs={tuple(c.optim.decay_epochs)}: epochs must be >= 0')
+  for key in ('latency_repeats', 'latency_rounds'):
+    _check(c.report[key] >= 1, f'report.{key}={c.report[key]}: must be >= 1')
   _check(c.optim.schedule in ('constant', 'cosine', 'step'),
          f"optim.schedule={c.optim.schedule!r}: use 'constant', 'cosine' or 'step'")
   _check(c.optim.name in ('sgd', 'adam'), f"optim.name={c.optim.name!r}: use 'sgd' or 'adam'")
@@ -187,9 +252,49 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(p.rank_by in RANK_BY, f'prune.rank_by={p.rank_by!r}: use one of {RANK_BY}')
     _check(p.surgery_every >= 1, f'prune.surgery_every={p.surgery_every}: must be >= 1')
     _check(p.finetune_epochs >= 0, f'prune.finetune_epochs={p.finetune_epochs}: must be >= 0')
+    for key in ('learning_rate', 'finetune_learning_rate'):
+      _check(p[key] > 0, f'prune.{key}={p[key]}: must be > 0')
+    _check(p.max_pruning_iterations >= 1,
+           f'prune.max_pruning_iterations={p.max_pruning_iterations}: must be >= 1')
+    _check(p.eval_examples >= 0, f'prune.eval_examples={p.eval_examples}: must be >= 0 (0: none)')
     _check(p.finetune_schedule in ('constant', 'cosine', 'step'),
            f"prune.finetune_schedule={p.finetune_schedule!r}: use 'constant', 'cosine' or 'step'")
     from taylor_jax.engine import Constraints
     Constraints(p.min_width, p.max_share, p.align)
     if method.validate is not None:
       method.validate(c)
+
+
+# Fields that change where or how verbosely a run runs, never its result (resume is bit-identical
+# whatever the checkpoint interval): a resumed run may change them freely.
+RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_steps',
+                  'report.latency_repeats', 'report.latency_rounds', 'distributed.')
+
+
+def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+  """Whether field ``key`` can change the result of a run saved as ``old`` resumed as ``new``
+  (flat JSON configs): not a RESULT_NEUTRAL field, nor a pruning field when either run does not
+  prune (``prune.enabled`` itself differs then), nor the options of a method neither runs."""
+  from taylor_jax import methods  # noqa: deferred, as in validate
+  if any(key == n or (n.endswith('.') and key.startswith(n)) for n in RESULT_NEUTRAL):
+    return False
+  if not key.startswith('prune.') or key == 'prune.enabled':
+    return True
+  if not (old.get('prune.enabled') and new.get('prune.enabled')):
+    return False
+  section = key.split('.')[1] if key.count('.') >= 2 else None
+  if section in methods.default_options():
+    return section == old.get('prune.method') == new.get('prune.method')
+  return True
+
+
+def result_changes(saved: dict[str, Any], config: ml_collections.ConfigDict
+                   ) -> dict[str, tuple[Any, Any]]:
+  """``{field: (saved value, new value)}`` for every field that changes the result and differs
+  between ``saved`` (a checkpoint's JSON config) and ``config``; a field present on one side
+  only (a run saved by another version) differs too, with ``'<absent>'`` for the missing side."""
+  old = flat_items(saved)
+  new = flat_items(json.loads(config.to_json_best_effort()))
+  absent = '<absent>'
+  return {k: (old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
+          if _matters(k, old, new) and old.get(k, absent) != new.get(k, absent)}

@@ -76,13 +76,38 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
+# Library messages that advise loading an untrusted file with pickling enabled (code execution).
+_UNSAFE_ADVICE = ('allow_pickle', 'weights_only', 'pickle.load', 'unsafe', 'trusted source')
+
+
+def _damaged(path: str, kind: str, e: BaseException) -> ConversionError:
+  """A ConversionError naming ``path`` and what is wrong with it, without the reader's own
+  message when that suggests loading the file unsafely."""
+  if (isinstance(e, ValueError) and 'pickle' in str(e)) or type(e).__name__ == 'UnpicklingError':
+    what = ('it is damaged, or holds pickled Python objects besides arrays, which are never '
+            'loaded (unpickling an untrusted file can run code)')
+  else:
+    first = (str(e).strip().splitlines() or [''])[0]
+    detail = '' if any(w in first for w in _UNSAFE_ADVICE) else f': {first[:200]}'
+    what = f'it is truncated or damaged ({type(e).__name__}{detail})'
+  return ConversionError(
+      f'{path!r} is not a readable {kind}: {what}. Download the torchvision weights again, or '
+      'write the .npz again with `python -m taylor_jax.convert IN.pth OUT.npz --model=NAME`.')
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a ``.pth``/``.pt`` (torch) or ``.npz`` (numpy) file of torch-named arrays."""
+  """Reads a ``.pth``/``.pt`` (torch) or ``.npz`` (numpy) file of torch-named arrays.
+
+  Never unpickles: a file that is damaged, or holds more than arrays, raises ConversionError.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no such file: {path!r}')
   if path.endswith('.npz'):
-    with np.load(path) as f:
-      return normalize_keys({k: f[k] for k in f.files})
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return normalize_keys({k: f[k] for k in f.files})
+    except Exception as e:  # noqa: zipfile, zlib, numpy format errors alike
+      raise _damaged(path, '.npz archive of arrays', e) from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -90,7 +115,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         f'reading {path!r} needs PyTorch (pip install torch==2.13.0, or '
         '`pip install -r requirements-test.txt`); or convert it to .npz where torch is installed: '
         f'python -m taylor_jax.convert {path} OUT.npz --model=NAME') from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: torch raises RuntimeError, OSError, UnpicklingError, ...
+    raise _damaged(path, 'PyTorch state dict (torch.save of name -> tensor)', e) from None
   if isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):
     obj = obj['state_dict']  # a training checkpoint wrapping the weights
   if not isinstance(obj, Mapping):

@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from taylor_jax.groups import ChannelGroup
@@ -82,6 +83,55 @@ def get(name: str, **options: Any) -> Estimator:
                      '(add one with @taylor_jax.estimators.register(name))')
   fn = _REGISTRY[name]
   return functools.partial(fn, **options) if options else fn
+
+
+class EstimatorError(ValueError):
+  """An estimator's output is not one finite score per unit of every group it is asked for."""
+
+
+def check_scores(name: str, scores: Any, groups: Sequence[ChannelGroup], when: str) -> None:
+  """Raises EstimatorError unless ``scores`` (host values) holds, for every group, a finite
+  ``(width,)`` real array; ``when`` says where they came from (for the message)."""
+  what = f'estimator {name!r} (prune.estimator)'
+  if not isinstance(scores, Mapping):
+    raise EstimatorError(f'{what} returned a {type(scores).__name__} {when}; it must return a '
+                         'dict group name -> (width,) scores (see ScoreContext.group_names())')
+  for g in groups:
+    want = (g.width,)
+    if g.name not in scores:
+      raise EstimatorError(
+          f'{what} returned no scores for group {g.name!r} {when}: expected shape {want} '
+          f'(it returned groups {sorted(scores)}; the model has {[x.name for x in groups]})')
+    v = np.asarray(scores[g.name])
+    if v.shape != want or not (np.issubdtype(v.dtype, np.floating) or
+                               np.issubdtype(v.dtype, np.integer)):
+      raise EstimatorError(f'{what} returned scores of shape {v.shape} ({v.dtype}) for group '
+                           f'{g.name!r} {when}: expected shape {want}, one real score per unit')
+    bad = int(np.sum(~np.isfinite(v)))
+    if bad:
+      raise EstimatorError(f'{what} returned {bad} non-finite score(s) of {g.width} for group '
+                           f'{g.name!r} {when}')
+
+
+def probe(name: str, estimator: Estimator, model, groups: Sequence[ChannelGroup], params,
+          batch_stats, masks: Mapping[str, Any], batch: Mapping[str, Any],
+          step: int = 0) -> None:
+  """Runs ``estimator`` once on ``batch`` (outside the train step, one device) and checks its
+  output with :func:`check_scores`: a wrong estimator fails here, named, instead of deep inside
+  the jitted step after the baseline has trained."""
+  when = 'on the first batch (checked before training)'
+
+  def scores_of(params, batch_stats, masks, batch):
+    ctx = ScoreContext(model, groups, params, batch_stats, masks, batch, train=True,
+                       step=jnp.asarray(step, jnp.int32))
+    return estimator(ctx)
+
+  try:
+    scores = jax.device_get(jax.jit(scores_of)(params, batch_stats, dict(masks), dict(batch)))
+  except Exception as e:  # noqa: whatever the user's code raises, say which estimator it was
+    raise EstimatorError(f'estimator {name!r} (prune.estimator) failed {when}: '
+                         f'{type(e).__name__}: {e}') from e
+  check_scores(name, scores, groups, when)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,

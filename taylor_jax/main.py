@@ -1,9 +1,13 @@
 """Entry point: ``python -m taylor_jax.main --config=configs/default.py --workdir=runs/default``.
 
 Override any config field on the command line, e.g. ``--config.train.epochs=3``. Re-running
-with the same workdir resumes from its last checkpoint; ``--mode=evaluate`` restores a saved
-(possibly pruned) model from the workdir and evaluates it.
+with the same workdir resumes from its last checkpoint (with the same config, unless
+``--allow_config_change``); ``--mode=evaluate`` restores a saved (possibly pruned) model from the
+workdir and evaluates it.
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,7 +18,39 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                   'train: run/resume the job; evaluate: restore the workdir\'s model and test it.')
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir although fields of the config that change the result differ '
+                  'from the saved run\'s (the changes are recorded in the report).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _config_path(argv) -> str:
+  """The --config value as given (without a ':argument' suffix)."""
+  for i, arg in enumerate(argv):
+    for name in ('--config', '-config'):
+      if arg.startswith(name + '='):
+        return arg[len(name) + 1:].split(':', 1)[0]
+      if arg == name and i + 1 < len(argv):
+        return argv[i + 1].split(':', 1)[0]
+  return ''
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a config file that does not load stops here, named:
+  ml_collections defers that error until the config is first used (or its first override is
+  applied), where it surfaces as 'Configuration is not available because of an earlier
+  failure to load' under a long traceback."""
+  try:
+    args = app.parse_flags_with_usage(argv)
+    FLAGS.config.keys()
+    return args
+  except OSError as e:
+    path = _config_path(argv)
+    if not os.path.isfile(path):
+      sys.exit(f'FATAL: --config={path}: no such file (relative to {os.getcwd()}); give one of '
+               'the files under configs/, e.g. --config=configs/default.py')
+    cause = e.__cause__ or e
+    sys.exit(f'FATAL: --config={path} cannot be loaded: {str(cause).splitlines()[0]}')
 
 
 def main(argv):
@@ -29,9 +65,9 @@ def main(argv):
   if FLAGS.mode == 'evaluate':
     result = run.evaluate_workdir(config, FLAGS.workdir)
   else:
-    result = run.run(config, FLAGS.workdir)
+    result = run.run(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   print(run.summary(result))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

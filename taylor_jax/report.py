@@ -63,4 +63,7 @@ def write(workdir: str, result: dict[str, Any]) -> None:
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
     f.write(f"# {result['config']['model']} on {result['config']['dataset']}\n\n")
     f.write(markdown(result))
+    for change in result.get('config_changes', []):
+      listed = ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in change['changes'].items())
+      f.write(f"\nResumed at step {change['step']} under a changed config: {listed}.\n")
   plot(result, os.path.join(workdir, 'pruning.png'))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Optional
@@ -41,6 +42,14 @@ class IncompatibleCheckpointError(ValueError):
   pass
 
 
+class ConfigChangedError(IncompatibleCheckpointError):
+  """A workdir's run resumed with a config whose result-changing fields differ."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A training loss, gradient or importance score became NaN or infinite."""
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 def _log_metrics(workdir: str, record: dict[str, Any]) -> None:
@@ -50,8 +59,10 @@ def _log_metrics(workdir: str, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + '\n')
 
 
-def _check_compatible(meta: dict[str, Any], config: ml_collections.ConfigDict,
-                      workdir: str) -> None:
+def _check_compatible(meta: dict[str, Any], config: ml_collections.ConfigDict, workdir: str,
+                      allow_change: bool = False) -> dict[str, tuple[Any, Any]]:
+  """Refuses a checkpoint of another model, dataset or seed; with ``allow_change`` returns the
+  other result-changing fields that differ (configlib.result_changes), else refuses them too."""
   saved = meta.get('config', {})
   for key in ARCH_KEYS:
     if key in saved and saved[key] != config[key]:
@@ -63,6 +74,64 @@ def _check_compatible(meta: dict[str, Any], config: ml_collections.ConfigDict,
     raise IncompatibleCheckpointError(
         f'{workdir} holds a run with seed={saved["seed"]}, the config asks for seed={config.seed}; '
         'resuming would mix two runs. Use another --workdir (nothing was changed).')
+  changes = {k: v for k, v in configlib.result_changes(saved, config).items()
+             if k not in ARCH_KEYS + ('seed',)}
+  if changes and not allow_change:
+    listed = '\n  '.join(f'{k}: {old!r} saved, {new!r} now' for k, (old, new) in changes.items())
+    back = ' '.join(f'--config.{k}={old}' for k, (old, _) in changes.items()
+                    if old != '<absent>')
+    raise ConfigChangedError(
+        f'{workdir} holds a run saved with another config; '
+        f'{len(changes)} field(s) that change the result differ:\n  {listed}\n'
+        f'Resume it as saved ({back}), or pass --allow_config_change to go on under the new '
+        f'values (recorded in the report as config_changes), or use another --workdir to start '
+        f'afresh. Nothing in {workdir} was changed.')
+  return changes
+
+
+def _check_align(groups, full_widths, align: int) -> None:
+  """Refuses an alignment wider than a prunable group: such a group could only be pruned unit by
+  unit (engine.Constraints), i.e. its widths would not be aligned at all."""
+  narrow = [(g.name, full_widths[g.name]) for g in groups
+            if g.prunable and full_widths[g.name] < align]
+  if align > 1 and narrow:
+    listed = ', '.join(f'{n!r} ({w} units)' for n, w in narrow[:8])
+    more = f' and {len(narrow) - 8} more' if len(narrow) > 8 else ''
+    raise ValueError(
+        f'invalid config: prune.align={align} is wider than {len(narrow)} prunable group(s): '
+        f'{listed}{more}; they cannot keep widths aligned to {align}. Use prune.align <= '
+        f'{min(w for _, w in narrow)} (1: no alignment).')
+
+
+def _lr_field(phase: str) -> str:
+  return {'baseline': 'optim.learning_rate', 'prune': 'prune.learning_rate'}.get(
+      phase, 'prune.finetune_learning_rate')
+
+
+def _stop_nonfinite(job, what: str, step: int, phase: str, fix: str) -> None:
+  """Raises NonFiniteError once the last good checkpoint is on disk (an async save may be in
+  flight); nothing is saved after ``step - 1``."""
+  job.mngr.wait_until_finished()
+  last = job.mngr.latest_step()
+  kept = (f'the newest checkpoint, step {last}, was saved before it and is kept'
+          if last is not None else 'no checkpoint was saved')
+  raise NonFiniteError(
+      f'{what} at step {step} (phase {phase!r}); the run stops: {kept}. {fix} Re-running resumes '
+      'from that checkpoint (with a changed config: pass --allow_config_change).')
+
+
+def _check_estimator(job, state, name: str) -> None:
+  """The configured estimator's output on the first training batch (estimators.probe)."""
+  host = jax.device_get(state)
+  it = job.train_split.batches(0)
+  try:
+    first = next(it)
+  finally:
+    it.close()  # stops its prefetch thread now
+  # A few examples suffice to check shapes and finiteness (and keep this compile small).
+  batch = {k: np.asarray(v)[:8] for k, v in first.items() if k in ('image', 'label')}
+  estimators.probe(name, job.estimator, job.model, job.groups, host.params, host.batch_stats,
+                   host.masks, batch, step=int(host.step))
 
 
 def _target_reached(config, full_units: int, kept_units: int, flops_ratio: float,
@@ -194,8 +263,11 @@ class _Job:
         c.dataset, 'test', batch_size=c.train.eval_batch_size, train=False, seed=c.seed,
         data_dir=c.data_dir, image_size=c.image_size, limit=c.train.limit_eval_examples)
     n_prune_eval = min(c.prune.eval_examples, self.info.test_size)
+    # One batch when they fit, padded to a multiple of the devices (padding weighs 0).
+    n_dev = jax.device_count()
+    prune_eval_batch = min(c.train.eval_batch_size, -(-n_prune_eval // n_dev) * n_dev)
     self.prune_eval_split = (input_pipeline.create_split(
-        c.dataset, 'test', batch_size=min(c.train.eval_batch_size, n_prune_eval), train=False,
+        c.dataset, 'test', batch_size=prune_eval_batch, train=False,
         seed=c.seed, data_dir=c.data_dir, image_size=c.image_size, limit=n_prune_eval)
                              if n_prune_eval > 0 else None)
     self.input_shape = tuple(self.info.image_shape)
@@ -394,8 +466,13 @@ def _check_groups_before_training(job: _Job, host_state, seed: int) -> None:
   logging.info('groups checked: %s', rec)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the main job in ``workdir``; returns the report dict."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the main job in ``workdir``; returns the report dict.
+
+  A resumed run's config must equal the saved one on every field that changes the result
+  (configlib.result_changes) unless ``allow_config_change``; the changes are then recorded.
+  """
   configlib.validate(config)
   c = config
   info = input_pipeline.dataset_info(c.dataset, c.data_dir, c.image_size)
@@ -404,33 +481,53 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   full_flops = costs.flops(full_model, input_shape)
   full_params = costs.params(full_model, input_shape)
   if c.prune.enabled:  # refuse unreachable targets before any data is read or file written
+    _check_align(full_model.groups(), dict(full_model.widths), c.prune.align)
     _check_target_feasible(c, full_model.groups(), dict(full_model.widths),
                            engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align),
                            full_model, input_shape, full_flops, full_params)
   job = _Job(config, workdir)
-  meta = checkpoint.latest_meta(job.mngr)
-  if meta is not None:
-    _check_compatible(meta, c, workdir)
+  changes = {}
+
+  def check_meta(meta):
+    changes.clear()
+    changes.update(_check_compatible(meta, c, workdir, allow_config_change))
+
+  restored = checkpoint.restore_newest(
+      job.mngr, lambda m: job.fresh_state(m['widths'], m['phase'], c.seed), check_meta)
+  if restored is not None:
+    if restored.damaged:
+      moved = checkpoint.set_aside(job.mngr, workdir, [d[0] for d in restored.damaged])
+      for (step, _, why), dest in zip(restored.damaged, moved):
+        logging.warning('checkpoint step %d of %s does not restore: %s. Moved to %s (kept, not '
+                        'deleted); resuming from step %d.', step, workdir, why, dest,
+                        restored.step)
+    meta = restored.meta
     phase, extra = meta['phase'], dict(meta.get('extra', {}))
     job.build(meta['widths'], phase)
-    template_widths = meta['widths']
-    state = checkpoint.restore_state(job.mngr,
-                                     lambda: job.fresh_state(template_widths, phase, c.seed))
+    state = restored.state
+    if changes:
+      logging.warning('resuming %s at step %d under a changed config (--allow_config_change): %s',
+                      workdir, restored.step, changes)
+      extra['config_changes'] = extra.get('config_changes', []) + [
+          {'step': restored.step, 'changes': {k: list(v) for k, v in changes.items()}}]
     logging.info('resumed %s at step %d (phase %s)', workdir, int(state.step), phase)
   else:
     extra = {'history': []}
     if c.train.init_checkpoint:
       init_mngr = checkpoint.manager(c.train.init_checkpoint)
-      init_meta = checkpoint.latest_meta(init_mngr)
-      if init_meta is None:
+      init = checkpoint.restore_newest(
+          init_mngr, lambda m: job.fresh_state(m['widths'], 'baseline', c.seed),
+          lambda m: _check_compatible(m, c, c.train.init_checkpoint, allow_change=True))
+      if init is None:
         raise FileNotFoundError(f'train.init_checkpoint={c.train.init_checkpoint!r} holds no '
                                 'checkpoint; run its config first')
-      _check_compatible(init_meta, c, c.train.init_checkpoint)
-      w = init_meta['widths']
+      for step, _, why in init.damaged:
+        logging.warning('train.init_checkpoint: checkpoint step %d does not restore (%s); '
+                        'starting from step %d instead.', step, why, init.step)
+      w = init.meta['widths']
       job.widths = w
-      base = checkpoint.restore_state(init_mngr, lambda: job.fresh_state(w, 'baseline', c.seed))
       fresh = job.fresh_state(w, 'baseline', c.seed)
-      state = fresh.replace(params=base.params, batch_stats=base.batch_stats)
+      state = fresh.replace(params=init.state.params, batch_stats=init.state.batch_stats)
       phase = 'baseline_done'
       job.build(w, 'baseline')
     elif c.train.get('init_torchvision'):
@@ -439,8 +536,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       phase = 'baseline'
       job.build(job.full_widths, phase)
       state = job.fresh_state(job.full_widths, phase, c.seed)
-  if c.prune.enabled and meta is None and c.prune.check_groups:
+  if c.prune.enabled and restored is None and c.prune.check_groups:
     _check_groups_before_training(job, jax.device_get(state), c.seed)
+  if c.prune.enabled and c.prune.method == methods.TAYLOR and phase in (
+      'baseline', 'baseline_done', 'prune'):
+    _check_estimator(job, state, c.prune.estimator)
   state = train.replicate(job.mesh, state)
   full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
 
@@ -455,6 +555,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while int(state.step) < stop_step:
       state, metrics = job.train_step(state, next(it))
       step = int(state.step)
+      # The loop waits for every step anyway (int(state.step)); a NaN is caught at its step,
+      # before anything computed from it is saved.
+      m = jax.device_get(metrics)
+      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])
+              and m['params_finite']):
+        lr = _lr_field(phase)
+        section, field = lr.split('.')
+        _stop_nonfinite(job, f'the training loss is {m["loss"]} (gradient norm {m["grad_norm"]}'
+                             f'{"" if m["params_finite"] else ", weights not finite after it"})',
+                        step, phase, f'Lower {lr} (now {c[section][field]}).')
       bar.update(1)
       losses.append(metrics)
       if step % log_every == 0:
@@ -518,6 +628,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return state, None
       host = jax.device_get(state)
       masks = {k: np.asarray(v) for k, v in host.masks.items()}
+      bad = [k for k, v in host.score_sum.items() if not np.all(np.isfinite(v))]
+      if bad:
+        _stop_nonfinite(job, f'estimator {c.prune.estimator!r} (prune.estimator) gave non-finite '
+                             f'importance scores for group(s) {bad} in the pruning period ending',
+                        int(host.step), 'prune',
+                        f'(pruning step {int(host.prune_steps) + 1}; training losses were finite.) '
+                        'Check the estimator for divisions by zero or overflow.')
       first = int(host.prune_steps) == 0
       ema = engine.period_mean_and_ema(host.score_sum, int(host.score_count), host.score_ema,
                                        masks, first, c.prune.ema_momentum, c.prune.normalize)
@@ -598,6 +715,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if 'latency_table' in extra:
       result['latency_table'] = extra['latency_table']
   result['config'] = json.loads(c.to_json_best_effort())
+  if 'config_changes' in extra:  # resumed under --allow_config_change: the saved values differ
+    result['config_changes'] = extra['config_changes']
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:
     report.write(workdir, result)
@@ -607,34 +726,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def restore(workdir: str):
   """Rebuilds the (possibly pruned) model saved in ``workdir`` in a fresh process.
 
-  Returns ``(model, state, meta)``; the widths come from the checkpoint's metadata, so the
-  user supplies no shapes.
+  Returns ``(model, state, meta)`` of the newest checkpoint that restores (a damaged newer one
+  is named in a warning and left in place); the widths come from the checkpoint's metadata, so
+  the user supplies no shapes.
   """
   mngr = checkpoint.manager(workdir, async_save=False)
-  meta = checkpoint.latest_meta(mngr)
-  if meta is None:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint (expected {workdir}/checkpoints)')
-  cfg = ml_collections.ConfigDict(meta['config'])
-  model = models.create(meta['model'], meta['num_classes'], meta['widths'],
-                        input_shape=meta['input_shape'])
-  input_shape = tuple(meta['input_shape'])
 
-  def template():
-    variables = model.init(jax.random.key(0), np.zeros((1,) + input_shape, np.float32))
-    job_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    phase = meta['phase']
-    optim = ml_collections.ConfigDict(job_cfg.optim.to_dict())
-    if phase != 'baseline':
+  def model_of(meta):
+    return models.create(meta['model'], meta['num_classes'], meta['widths'],
+                         input_shape=meta['input_shape'])
+
+  def template(meta):
+    input_shape = tuple(meta['input_shape'])
+    variables = model_of(meta).init(jax.random.key(0),
+                                    np.zeros((1,) + input_shape, np.float32))
+    optim = ml_collections.ConfigDict(dict(meta['config'])['optim'])
+    if meta['phase'] != 'baseline':
       optim.schedule = 'constant'
     tx = train.create_optimizer(optim, 1, 1)
     return train.create_train_state(variables, tx, widths=meta['widths'])
 
-  state = checkpoint.restore_state(mngr, template)
-  return model, state, meta
+  restored = checkpoint.restore_newest(mngr, template)
+  if restored is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint (expected {workdir}/checkpoints)')
+  for step, _, why in restored.damaged:
+    logging.warning('checkpoint step %d of %s does not restore (%s); using step %d instead.',
+                    step, workdir, why, restored.step)
+  return model_of(restored.meta), restored.state, restored.meta
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the workdir's model (pruned or not) and evaluates it on the test split."""
+  configlib.check_devices(config)  # the eval batch comes from the command line's config
   model, state, meta = restore(workdir)
   c = ml_collections.ConfigDict(meta['config'])
   mesh = train.create_mesh()

@@ -128,7 +128,9 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
                                              tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted data-parallel train step ``(state, batch) -> (state, metrics)``.
 
-  ``batch`` holds global arrays sharded over ``data`` (see :func:`shard_batch`). With an
+  ``batch`` holds global arrays sharded over ``data`` (see :func:`shard_batch`); ``metrics``:
+  ``loss``, ``accuracy``, ``grad_norm`` (global norm of the gradient) and ``params_finite``
+  (whether every updated weight is finite). With an
   ``estimator``, its per-unit scores of this minibatch (zeroed at pruned units) are added to
   ``state.score_sum``.
   """
@@ -170,6 +172,13 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
     metrics = jax.lax.pmean({'loss': loss,
                              'accuracy': jnp.mean(_top_k_correct(logits, batch['label'], 1))},
                             DATA_AXIS)
+    # Of the device-averaged gradient and the updated weights (the same on every device): a
+    # NaN gradient, or an update that overflows, leaves this step's loss finite but the weights
+    # not; run.py stops at the step, before saving them.
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['params_finite'] = jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params),
+        jnp.asarray(True))
     return new, metrics
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
