@@ -536,11 +536,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       phase = 'baseline'
       job.build(job.full_widths, phase)
       state = job.fresh_state(job.full_widths, phase, c.seed)
-  if c.prune.enabled and restored is None and c.prune.check_groups:
-    _check_groups_before_training(job, jax.device_get(state), c.seed)
   if c.prune.enabled and c.prune.method == methods.TAYLOR and phase in (
       'baseline', 'baseline_done', 'prune'):
     _check_estimator(job, state, c.prune.estimator)
+  if c.prune.enabled and restored is None and c.prune.check_groups:
+    _check_groups_before_training(job, jax.device_get(state), c.seed)
   state = train.replicate(job.mesh, state)
   full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
 
