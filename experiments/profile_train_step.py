@@ -136,10 +136,10 @@ def main():
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--reference', action='store_true')
   ap.add_argument('--top', type=int, default=25)
+  ap.add_argument('--xla_defaults', action='store_true',
+                  help="compile with XLA's default options, not train.CPU_COMPILER_OPTIONS")
   ap.add_argument('--out', default=None)
   a = ap.parse_args()
-  if os.environ.get('KG'):
-    common._KERNEL_GRAD.append(os.environ['KG'])
   model = models.create(a.model, 10)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((a.batch_size, 28, 28, 1), np.float32)
@@ -153,7 +153,8 @@ def main():
   import contextlib
   ctx = common.reference_convolutions() if a.reference else contextlib.nullcontext()
   with ctx:
-    step = train.make_train_step(model, tx, mesh)
+    step = train.make_train_step(model, tx, mesh,
+                                 xla_options=None if a.xla_defaults else 'auto')
     batch = train.shard_batch(mesh, {'image': x, 'label': y})
     for _ in range(3):
       state, m = step(state, batch)
