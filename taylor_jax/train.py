@@ -122,17 +122,32 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+# XLA:CPU options of the jitted steps. YNNPACK off: XLA:CPU gives it the convolutions' weight
+# gradients (a conv with a whole-image window), which took 44% of ResNet-20's train step; its
+# own (Eigen) convolutions run the step faster (experiments/results/profile_train_step.md).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def compiler_options(options: Any = 'auto') -> Optional[dict[str, Any]]:
+  """``'auto'``: :data:`CPU_COMPILER_OPTIONS` on the CPU backend, none elsewhere."""
+  if isinstance(options, str) and options == 'auto':
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else None
+  return options
+
+
 def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
                     estimator: Optional[est_lib.Estimator] = None,
-                    groups=None) -> Callable[[TrainState, Mapping[str, jax.Array]],
-                                             tuple[TrainState, dict[str, jax.Array]]]:
+                    groups=None, xla_options: Any = 'auto'
+                    ) -> Callable[[TrainState, Mapping[str, jax.Array]],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted data-parallel train step ``(state, batch) -> (state, metrics)``.
 
   ``batch`` holds global arrays sharded over ``data`` (see :func:`shard_batch`); ``metrics``:
   ``loss``, ``accuracy``, ``grad_norm`` (global norm of the gradient) and ``params_finite``
   (whether every updated weight is finite). With an
   ``estimator``, its per-unit scores of this minibatch (zeroed at pruned units) are added to
-  ``state.score_sum``.
+  ``state.score_sum``. ``xla_options``: compiler options of the jit (see
+  :func:`compiler_options`).
   """
   sync_model = model.clone(axis_name=DATA_AXIS)
   groups = tuple(model.groups()) if groups is None else tuple(groups)
@@ -183,7 +198,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=(P(), P()), check_vma=False)
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options(xla_options))
 
 
 def make_eval_step(model, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:

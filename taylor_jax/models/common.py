@@ -10,9 +10,11 @@ where ``gates`` maps group name -> ``(width,)`` multipliers (None: all ones).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from taylor_jax.groups import Slice
@@ -63,34 +65,76 @@ def reference_convolutions() -> Iterator[None]:
     _REFERENCE_CONV.pop()
 
 
-class Conv(nn.Conv):
-  """``nn.Conv`` (same parameters, same result) whose one-input-channel case runs as shifted
-  multiply-adds.
+def _window_slices(x: Array, kh: int, kw: int, strides, padding) -> list[Array]:
+  """The ``kh*kw`` strided windows of the padded input, each ``(B, Ho, Wo, Cin)``: window
+  ``(i, j)`` is what kernel tap ``(i, j)`` multiplies."""
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in padding) + ((0, 0),))
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  return [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
 
-  Why: XLA's CPU convolution has a floor of about 2.5 ms per 64x28x28 batch whatever the channel
-  count; for a grayscale stem that floor is most of a pruned ResNet-8's latency, while the
-  ``kh*kw`` broadcast products take 0.25 ms (experiments/bench_latency_widths.py). Only
-  ungrouped, undilated convolutions with explicit padding take this path.
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def one_channel_conv(x: Array, kernel: Array, strides: tuple, padding: tuple) -> Array:
+  """``lax.conv_general_dilated`` (NHWC, HWIO) of a one-channel input, as shifted multiply-adds,
+  with a kernel gradient that runs as matmuls.
+
+  Forward: XLA's CPU convolution has a floor of about 2.5 ms per 64x28x28 batch whatever the
+  channel count; for a grayscale stem that floor is most of a pruned ResNet-8's latency, while
+  the ``kh*kw`` broadcast products take 0.25 ms (experiments/bench_latency_widths.py).
+  Gradient: differentiating the multiply-adds made XLA materialise one broadcast copy of the input
+  at the output's width per tap (nine ``(128, 28, 28, 16)`` arrays for the 3x3 stem), 6-15% of
+  the train step (experiments/results/profile_train_step.md); the tangent below writes the kernel
+  term as one matmul per tap, whose transpose is ``window^T @ dy`` (K = batch x pixels, no
+  broadcast). A custom JVP, not a VJP, so that forward-over-reverse (the estimators' Hessian-
+  vector products) keeps working; values equal ``lax.conv`` up to float rounding.
+  """
+  kh, kw = kernel.shape[:2]
+  wins = _window_slices(x, kh, kw, strides, padding)
+  return sum(wins[i * kw + j] * kernel[i, j, 0] for i in range(kh) for j in range(kw))
+
+
+@one_channel_conv.defjvp
+def _one_channel_conv_jvp(strides, padding, primals, tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  kh, kw = kernel.shape[:2]
+  y = one_channel_conv(x, kernel, strides, padding)
+  dx_wins = _window_slices(dx, kh, kw, strides, padding)
+  wins = _window_slices(x, kh, kw, strides, padding)
+  dy = sum(dx_wins[t] * kernel[t // kw, t % kw, 0] +
+           jax.lax.dot_general(wins[t], dkernel[t // kw, t % kw], (((3,), (0,)), ((), ())))
+           for t in range(kh * kw))
+  return y, dy
+
+
+class Conv(nn.Conv):
+  """``nn.Conv`` (same parameters, same result) whose one-input-channel case runs as
+  :func:`one_channel_conv` (shifted multiply-adds, kernel gradient as matmuls).
+
+  Only ungrouped, undilated 2-D convolutions with explicit padding take this path; inside
+  :func:`reference_convolutions` every convolution is a plain ``nn.Conv``.
   """
 
   @nn.compact
   def __call__(self, inputs):
-    simple = (inputs.shape[-1] == 1 and self.feature_group_count == 1 and
-              not isinstance(self.padding, str) and self.kernel_dilation in (None, 1) and
-              self.input_dilation in (None, 1) and inputs.ndim == 4)
+    simple = (inputs.ndim == 4 and inputs.shape[-1] == 1 and self.feature_group_count == 1 and
+              not isinstance(self.padding, (str, int)) and len(self.padding) == 2 and
+              all(len(p) == 2 for p in self.padding) and self.kernel_dilation in (None, 1) and
+              self.input_dilation in (None, 1) and self.precision is None)
     if not simple or _REFERENCE_CONV[-1]:
       return super().__call__(inputs)
     kh, kw = self.kernel_size
-    sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else (self.strides or (1, 1))
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else (self.strides or (1, 1))
     kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, self.features), self.param_dtype)
-    x = jnp.pad(inputs, ((0, 0),) + tuple(tuple(p) for p in self.padding) + ((0, 0),))
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw) // sw + 1
-    y = sum(x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] * kernel[i, j, 0]
-            for i in range(kh) for j in range(kw))
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-    return y
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = one_channel_conv(inputs, kernel, tuple(strides),
+                         tuple(tuple(p) for p in self.padding))
+    return y if bias is None else y + bias
 
 
 def conv(features: int, kernel: int, stride: int = 1, name: str = None, use_bias: bool = False,
