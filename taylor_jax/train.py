@@ -122,9 +122,11 @@ def _top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-# XLA:CPU options of the jitted steps. YNNPACK off: XLA:CPU gives it the convolutions' weight
-# gradients (a conv with a whole-image window), which took 44% of ResNet-20's train step; its
-# own (Eigen) convolutions run the step faster (experiments/results/profile_train_step.md).
+# XLA:CPU options of the jitted train step: YNNPACK for reductions only. By default XLA:CPU gives
+# YNNPACK the convolutions' weight gradients (convolutions with a whole-image window), which took
+# 44% of ResNet-20's train step; its Eigen convolutions run them faster. Reductions stay on
+# YNNPACK: without it BatchNorm's statistics become slow reduce-window loops
+# (experiments/results/profile_train_step.md, experiments/README.md "Train-step speed").
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
 
 
