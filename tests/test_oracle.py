@@ -106,7 +106,8 @@ def test_oracle_subset_of_units():
   assert set(np.flatnonzero(got['conv2'])) <= {5}
   assert not np.any(got['conv1']) and not np.any(got['fc2'])
   np.testing.assert_allclose(got['fc1'][[0, 1, 3]], full['fc1'][[0, 1, 3]], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got['conv2'][5], full['conv2'][5], rtol=1e-6)
+  # float32: the subset and the full oracle are differently compiled programs (summation order).
+  np.testing.assert_allclose(got['conv2'][5], full['conv2'][5], rtol=1e-5, atol=1e-6)
   assert full['conv2'][5] > 0
 
 
