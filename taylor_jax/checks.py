@@ -35,16 +35,6 @@ def _abstract_init(model, input_shape):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
 
-def _shapes(tree, prefix=()) -> dict[tuple, tuple[int, ...]]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_shapes(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = tuple(v.shape)
-  return out
-
-
 def check_coverage(model, input_shape: Sequence[int]) -> None:
   """``check_groups`` on the model's variables, and: with every prunable group one unit
   narrower, each axis that shrinks shrinks by exactly what its claiming groups lose."""
@@ -64,15 +54,15 @@ def check_coverage(model, input_shape: Sequence[int]) -> None:
   if not shrinkable:
     return
   narrower = {**model.widths, **{g.name: g.width - 1 for g in shrinkable}}
-  small = _shapes(_abstract_init(model.clone(widths=narrower), input_shape))
+  small = surgery._shapes(_abstract_init(model.clone(widths=narrower), input_shape))
   expected: dict[tuple, list[int]] = {}
-  for path, shape in _shapes(full).items():
+  for path, shape in surgery._shapes(full).items():
     expected[path] = list(shape)
   for g in shrinkable:
     for s in g.slices:
       axis = s.axis % len(expected[s.path])
       expected[s.path][axis] -= s.repeat
-  for path, shape in _shapes(full).items():
+  for path, shape in surgery._shapes(full).items():
     if path not in small:
       raise GroupCheckError(f'{"/".join(map(str, path))} disappears when the model is narrower')
     if tuple(expected[path]) != small[path]:
