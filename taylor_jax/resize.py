@@ -53,6 +53,7 @@ import numpy as np
 import flax.linen as nn
 from flax import errors as flax_errors
 from flax import nnx
+from flax import traverse_util
 from flax.core import meta
 
 __all__ = [
@@ -441,14 +442,8 @@ def _check_mask(path: str, module: Any, kernel_shape: tuple[int, ...]) -> None:
                       'mask too (overrides={path: {"mask": ...}}).')
 
 
-def _flatten(tree: Mapping[Any, Any], prefix: tuple = ()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+def _flatten(tree: Mapping[Any, Any]) -> dict[tuple, Any]:
+  return traverse_util.flatten_dict(dict(tree))
 
 
 def _norm_key(path: Sequence[Any]) -> tuple:
