@@ -244,6 +244,11 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
            f'prune.target_keep_share={p.target_keep_share}: must be in (0, 1)')
     _check(p.target_units is None or p.target_units >= 1,
            f'prune.target_units={p.target_units}: must be >= 1')
+    given = [f'prune.{k}={p[k]}' for k in ('target_flops_reduction', 'target_params_reduction',
+                                           'target_keep_share', 'target_units')
+             if p[k] is not None]
+    _check(len(given) <= 1, f'{" and ".join(given)}: set one pruning target, not {len(given)} '
+           '(override the other with None, e.g. --config.prune.target_flops_reduction=None)')
     _check(0 <= p.target_tolerance < 1,
            f'prune.target_tolerance={p.target_tolerance}: must be in [0, 1) (a share of the '
            'full FLOPs or parameters)')

@@ -217,3 +217,92 @@ def minimal_masks(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int]
     m[:constraints.min_kept(full_widths[g.name]) if g.prunable else g.width] = 1.0
     out[g.name] = m
   return out
+
+
+# --- the pruning target --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where pruning stops: exactly one of
+
+  * ``flops``: share of the unpruned network's FLOPs (MACs) to remove, in (0, 1);
+  * ``params``: share of its parameters to remove, in (0, 1);
+  * ``keep_share``: share of the prunable units to keep, in (0, 1);
+  * ``units``: number of prunable units to remove (>= 1).
+
+  Cost targets are met by ``prune_lowest`` through :meth:`excess` (within a tolerance); unit
+  targets exactly, by :meth:`units_this_step`.
+  """
+  flops: Optional[float] = None
+  params: Optional[float] = None
+  keep_share: Optional[float] = None
+  units: Optional[int] = None
+
+  def __post_init__(self):
+    given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    if len(given) != 1:
+      raise ValueError(
+          f'a pruning target needs exactly one of flops, params, keep_share, units; got '
+          f'{given or "none"} (config: prune.target_flops_reduction, target_params_reduction, '
+          'target_keep_share, target_units)')
+    for k in ('flops', 'params', 'keep_share'):
+      v = given.get(k)
+      if v is not None and not 0.0 < v < 1.0:
+        raise ValueError(f'Target({k}={v}): must be a share in (0, 1)')
+    if self.units is not None and (int(self.units) != self.units or self.units < 1):
+      raise ValueError(f'Target(units={self.units}): must be an integer >= 1')
+
+  @classmethod
+  def from_config(cls, prune) -> Optional['Target']:
+    """The target of a ``config.prune`` section (None when it sets none)."""
+    fields = dict(flops=prune.target_flops_reduction, params=prune.target_params_reduction,
+                  keep_share=prune.target_keep_share, units=prune.target_units)
+    if all(v is None for v in fields.values()):
+      return None
+    return cls(**fields)
+
+  @property
+  def is_cost(self) -> bool:
+    return self.flops is not None or self.params is not None
+
+  def units_to_remove(self, full_units: int, kept_units: int) -> Optional[int]:
+    """Units still to remove under a unit target (None under a cost target)."""
+    if self.keep_share is not None:
+      return kept_units - int(math.floor(self.keep_share * full_units + 1e-9))
+    if self.units is not None:
+      return self.units - (full_units - kept_units)
+    return None
+
+  def units_this_step(self, per_step: int, full_units: int, kept_units: int) -> int:
+    """Units one pruning step removes: ``per_step``, capped at what a unit target still needs."""
+    need = self.units_to_remove(full_units, kept_units)
+    return max(per_step if need is None else min(per_step, need), 0)
+
+  def reached(self, full_units: int, kept_units: int, flops_ratio: float,
+              params_ratio: float) -> bool:
+    """Whether a network with these kept units and cost ratios (pruned / unpruned) meets it."""
+    if self.flops is not None:
+      return 1.0 - flops_ratio >= self.flops - 1e-9
+    if self.params is not None:
+      return 1.0 - params_ratio >= self.params - 1e-9
+    return self.units_to_remove(full_units, kept_units) <= 0
+
+  def excess(self, flops_ratio: Callable[[Mapping[str, Any]], float],
+             params_ratio: Callable[[Mapping[str, Any]], float]
+             ) -> Optional[Callable[[Mapping[str, Any]], float]]:
+    """``masks -> cost ratio - (1 - target)`` (> 0: not reached) for ``prune_lowest``, from
+    ``masks -> ratio`` functions; None under a unit target."""
+    if self.flops is not None:
+      return lambda masks: flops_ratio(masks) - (1.0 - self.flops)
+    if self.params is not None:
+      return lambda masks: params_ratio(masks) - (1.0 - self.params)
+    return None
+
+  def describe(self) -> str:
+    if self.flops is not None:
+      return f'{self.flops:.0%} fewer FLOPs'
+    if self.params is not None:
+      return f'{self.params:.0%} fewer parameters'
+    if self.keep_share is not None:
+      return f'{self.keep_share:.0%} of the prunable units kept'
+    return f'{self.units} units removed'

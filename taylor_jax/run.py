@@ -134,42 +134,10 @@ def _check_estimator(job, state, name: str) -> None:
                    host.masks, batch, step=int(host.step))
 
 
-def _target_reached(config, full_units: int, kept_units: int, flops_ratio: float,
-                    params_ratio: float) -> bool:
-  p = config.prune
-  if p.target_flops_reduction is not None:
-    return 1.0 - flops_ratio >= p.target_flops_reduction - 1e-9
-  if p.target_params_reduction is not None:
-    return 1.0 - params_ratio >= p.target_params_reduction - 1e-9
-  if p.target_keep_share is not None:
-    return kept_units <= p.target_keep_share * full_units + 1e-9
-  return full_units - kept_units >= p.target_units
-
-
-def _units_this_step(config, full_units: int, kept_units: int) -> int:
-  p = config.prune
-  n = p.prune_per_iteration
-  if p.target_keep_share is not None and p.target_flops_reduction is None and \
-      p.target_params_reduction is None:
-    n = min(n, kept_units - int(np.floor(p.target_keep_share * full_units + 1e-9)))
-  elif p.target_units is not None and p.target_flops_reduction is None and \
-      p.target_params_reduction is None and p.target_keep_share is None:
-    n = min(n, p.target_units - (full_units - kept_units))
-  return max(n, 0)
-
-
-def _target_excess(config, model, input_shape, full_flops: int, full_params: int):
-  """``masks -> cost ratio - (1 - target)`` (> 0: target not reached) for a FLOPs or parameter
-  target of ``model`` (the current, possibly surgered one); None for unit targets, which
-  ``_units_this_step`` meets exactly."""
-  p = config.prune
-  if p.target_flops_reduction is not None:
-    return lambda masks: (costs.flops(model, input_shape, masks) / full_flops
-                          - (1.0 - p.target_flops_reduction))
-  if p.target_params_reduction is not None:
-    return lambda masks: (costs.params(model, input_shape, masks) / full_params
-                          - (1.0 - p.target_params_reduction))
-  return None
+def _target_excess(target: engine.Target, model, input_shape, full_flops: int, full_params: int):
+  """``target.excess`` for ``model`` (the current, possibly surgered one)."""
+  return target.excess(lambda masks: costs.flops(model, input_shape, masks) / full_flops,
+                       lambda masks: costs.params(model, input_shape, masks) / full_params)
 
 
 def _latency_table(job) -> dict[str, dict[str, float]]:
@@ -215,15 +183,11 @@ def _unit_cost(config, job, masks, extra) -> Optional[engine.UnitCost]:
 def _check_target_feasible(config, groups, full_widths, constraints, model, input_shape,
                            full_flops, full_params) -> None:
   """Refuses, before any training, targets the constraints cannot reach."""
-  p = config.prune
+  p, target = config.prune, engine.Target.from_config(config.prune)
   full_units = sum(full_widths[g.name] for g in groups if g.prunable)
   removable = engine.removable_units(groups, full_widths, {g.name: np.ones(full_widths[g.name])
                                                            for g in groups}, constraints)
-  need = None
-  if p.target_units is not None:
-    need = p.target_units
-  elif p.target_keep_share is not None:
-    need = full_units - int(np.floor(p.target_keep_share * full_units))
+  need = None if target is None else target.units_to_remove(full_units, full_units)
   if need is not None and need > removable:
     raise ValueError(
         f'invalid config: the target removes {need} units but only {removable} of the '
@@ -379,8 +343,7 @@ def _method_context(job: _Job, state, full_flops: int, full_params: int,
                     full_units: int) -> methods.MethodContext:
   """What a registered method gets from the job (see taylor_jax/methods/__init__.py)."""
   c = job.config
-  has_target = any(c.prune[k] is not None for k in (
-      'target_flops_reduction', 'target_params_reduction', 'target_keep_share', 'target_units'))
+  target = engine.Target.from_config(c.prune)
 
   def costs_fn(model, masks):
     small = model.clone(widths=surgery.new_widths(model.widths, masks))
@@ -390,11 +353,11 @@ def _method_context(job: _Job, state, full_flops: int, full_params: int,
             'params': costs.count_params(shapes['params'])}
 
   def target_reached(model, masks):
-    if not has_target:
+    if target is None:
       return False
     cst = costs_fn(model, masks)
-    return _target_reached(c, full_units, methods.units_kept(model.groups(), masks),
-                           cst['flops'] / full_flops, cst['params'] / full_params)
+    return target.reached(full_units, methods.units_kept(model.groups(), masks),
+                          cst['flops'] / full_flops, cst['params'] / full_params)
 
   def evaluate(model, host_state):
     if job.prune_eval_split is None:
@@ -616,6 +579,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if phase == 'prune':
     bar.set_description('prune')
     freq = c.prune.frequency
+    target = engine.Target.from_config(c.prune)
     t_prune = time.time()
     if c.prune.rank_by == 'score_per_latency' and 'latency_table' not in extra:
       # Measured once, before the first pruning step, and kept in the checkpoint metadata: a
@@ -640,10 +604,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                        masks, first, c.prune.ema_momentum, c.prune.normalize)
       # Surgery drops removed units from widths and masks, so live units == sum of masks.
       kept = sum(int(masks[g.name].sum()) for g in job.groups if g.prunable)
-      n = _units_this_step(c, full_units, kept)
+      n = target.units_this_step(c.prune.prune_per_iteration, full_units, kept)
       new_masks = engine.prune_lowest(
           ema, masks, job.groups, job.full_widths, n, job.constraints,
-          excess=_target_excess(c, job.model, job.input_shape, full_flops, full_params),
+          excess=_target_excess(target, job.model, job.input_shape, full_flops, full_params),
           tolerance=c.prune.target_tolerance, unit_cost=_unit_cost(c, job, masks, extra))
       host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
                           score_ema={k: np.asarray(v) for k, v in ema.items()},
@@ -657,8 +621,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
              'flops': cst['flops'], 'params': cst['params'],
              'flops_ratio': cst['flops'] / full_flops, 'params_ratio': cst['params'] / full_params,
              'wall_s': time.time() - job.wall_start}
-      done = (_target_reached(c, full_units, rec['units_kept'], rec['flops_ratio'],
-                              rec['params_ratio'])
+      done = (target.reached(full_units, rec['units_kept'], rec['flops_ratio'],
+                             rec['params_ratio'])
               or int(host.prune_steps) >= c.prune.max_pruning_iterations)
       if c.prune.surgery and (int(host.prune_steps) % c.prune.surgery_every == 0 or done):
         new_model, host = surgery.shrink_train_state(host, job.model, job.tx)

@@ -20,6 +20,7 @@ _config = helpers.pruning_config
     ({'prune.estimator': 'nope'}, "unknown estimator 'nope'"),
     ({'prune.target_flops_reduction': 1.5}, 'prune.target_flops_reduction=1.5'),
     ({'prune.target_flops_reduction': None}, 'no target'),
+    ({'prune.target_units': 10}, 'set one pruning target, not 2'),
     ({'prune.min_width': 0}, 'prune.min_width=0'),
     ({'prune.max_share': 2.0}, 'prune.max_share=2.0'),
     ({'prune.align': 0}, 'prune.align=0'),

@@ -28,7 +28,6 @@ the statistics of the group's filters, then a within-group criterion picks which
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -166,16 +165,6 @@ def masks_from_budgets(scores: Mapping[str, Any], masks: Mapping[str, Any],
   return new
 
 
-def _unit_target(ctx: methods.MethodContext, full_units: int, kept: int):
-  """Units to remove for a unit / keep-share target; None for FLOPs / parameter targets."""
-  p = ctx.config.prune
-  if p.target_flops_reduction is not None or p.target_params_reduction is not None:
-    return None
-  if p.target_keep_share is not None:
-    return kept - int(math.floor(p.target_keep_share * full_units + 1e-9))
-  return p.target_units - (full_units - kept)
-
-
 @methods.register('kernel_budget', options=OPTIONS, validate=_validate)
 def kernel_budget(ctx: methods.MethodContext) -> methods.MethodResult:
   """Per-group budgets from kernel redundancy, within-group criterion, one shot + surgery."""
@@ -189,7 +178,8 @@ def kernel_budget(ctx: methods.MethodContext) -> methods.MethodResult:
                                     o.num_batches)
   live = {k: int(masks[k].sum()) for k in red}
   full_units = sum(ctx.full_widths[g.name] for g in groups if g.prunable)
-  need = _unit_target(ctx, full_units, methods.units_kept(groups, masks))
+  need = engine.Target.from_config(ctx.config.prune).units_to_remove(
+      full_units, methods.units_kept(groups, masks))
   if need is not None:
     budgets = allocate_budgets(red, live, ctx.full_widths, ctx.constraints, max(need, 0))
     new = masks_from_budgets(scores, masks, budgets)

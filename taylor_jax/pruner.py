@@ -1,0 +1,356 @@
+"""Pruning inside your own training loop: ``init`` / ``accumulate`` / ``step``.
+
+The paper's schedule (scores every minibatch; every ``frequency`` minibatches the period mean,
+an EMA across pruning steps, the lowest units removed globally, then surgery) as library API
+for any Flax model, Linen or NNX, with your optimizer and your data::
+
+    pruner = taylor_jax.Pruner(model, x_example, target=taylor_jax.Target(flops=0.4))
+    pstate = pruner.init()
+    for batch in data:
+      variables, opt_state, pstate = my_step(variables, opt_state, pstate, batch)  # jitted;
+      #   inside it, after the gradient:  pstate = pruner.accumulate(pstate, params, grads)
+      pruned = pruner.step(pstate, variables, opt_state)   # host side, cheap when not due
+      if pruned:
+        variables, opt_state, pstate = pruned.variables, pruned.opt_state, pruned.state
+      if pruner.done: break
+
+Where things live: the model's channel groups come from discovery
+(:func:`taylor_jax.discovery.discover_groups`, through :mod:`taylor_jax.models.any_model`);
+:meth:`Pruner.accumulate` is pure and jittable (it turns the gradients your step already has
+into per-unit scores with a registered estimator); :meth:`Pruner.step` runs on the host: it
+counts calls (no device read until a pruning step is due), ranks (:mod:`taylor_jax.engine`), and
+rebuilds smaller variables and optimizer state (:mod:`taylor_jax.surgery`). After a pruning step
+``pruner.model`` is the smaller model; :meth:`Pruner.apply` always runs the current one, and an
+NNX model you passed in is pruned in place, so the object you hold stays usable.
+
+Every pruning step ends with surgery, so no masks enter your forward pass: the network you train
+between pruning steps is the smaller one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from taylor_jax import costs, engine, estimators, masking, resize, surgery
+from taylor_jax.engine import Constraints, Target
+from taylor_jax.models import any_model
+
+__all__ = ['Pruner', 'PrunerState', 'PruneStep', 'Target', 'Constraints', 'nnx_variables',
+           'check_target_feasible']
+
+
+@flax.struct.dataclass
+class PrunerState:
+  """Device state of the pruner (a pytree: pass it through ``jax.jit``, checkpoint it).
+
+  ``score_sum``: group -> ``(width,)`` sum of this period's scores; ``score_count``: minibatches
+  in the sum; ``score_ema``: group -> ``(width,)`` EMA of the period means of earlier periods.
+  """
+  score_sum: dict[str, jax.Array]
+  score_count: jax.Array
+  score_ema: dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class PruneStep:
+  """What one pruning step returns: the smaller ``variables`` (``{'params', 'batch_stats'}``),
+  ``opt_state`` (None if none was given), the pruner ``state`` for the new widths, and its
+  ``record`` (also appended to ``Pruner.history``)."""
+  variables: dict[str, Any]
+  opt_state: Any
+  state: PrunerState
+  record: dict[str, Any]
+
+
+class _NoBatch(Mapping):
+  """Stands for the minibatch when :meth:`Pruner.accumulate` got none."""
+
+  def __init__(self, estimator: str):
+    self.estimator = estimator
+
+  def __getitem__(self, key):
+    raise ValueError(
+        f"estimator {self.estimator!r} runs the model on the minibatch (key {key!r}); pass "
+        "batch={'image': x, 'label': y} to Pruner.accumulate, or use an estimator computed from "
+        "the gradients alone (taylor_fo_bn, taylor_fo_weight, bn_scale, bn_scale_grad, ...)")
+
+  def __iter__(self):
+    return iter(())
+
+  def __len__(self):
+    return 0
+
+
+def nnx_variables(model: nnx.Module) -> dict[str, Any]:
+  """``{'params': ..., 'batch_stats': ...}`` pure dicts of an NNX model (the layout the pruner,
+  its estimators and surgery speak; ``nnx.Param`` and ``nnx.BatchStat`` states)."""
+  return any_model._split(model)[1]
+
+
+def _adapter(model: Any, example_input: Any, *, train_kwarg: Optional[str],
+             keep_whole: Sequence[str], prune_marked: bool):
+  """The model behind the library's model protocol (groups, widths, clone, apply)."""
+  opts = dict(keep_whole=tuple(keep_whole), prune_marked=prune_marked)
+  if isinstance(model, nnx.Module):
+    # A full-width snapshot of the structure: the adapter rebuilds modules from it (abstractly)
+    # while the user's object is pruned in place.
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a, state)  # new containers: pruning in place leaves it alone
+    # (and new ones per call, made in the caller's trace: NNX refuses to mutate a variable
+    # created outside it)
+    build = lambda rngs: nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+    return any_model.NNXModel(build, example_input, **opts)
+  if isinstance(model, nn.Module):
+    return any_model.LinenModel(model, example_input, train_kwarg=train_kwarg, **opts)
+  if all(hasattr(model, a) for a in ('groups', 'clone', 'apply', 'widths')):
+    return model  # already speaks the protocol (a zoo model, a LinenModel/NNXModel)
+  raise TypeError(f'Pruner needs a Flax Linen module, an NNX module or a taylor_jax model; got '
+                  f'{type(model).__name__}')
+
+
+def check_target_feasible(target: Target, model: Any, input_shape: Sequence[int],
+                          constraints: Constraints) -> None:
+  """Raises ValueError, before any training, when ``constraints`` cannot let ``model`` (at full
+  width) reach ``target``."""
+  groups, full = model.groups(), dict(model.widths)
+  where = (f'min_width={constraints.min_width}, max_share={constraints.max_share}, '
+           f'align={constraints.align}')
+  full_units = sum(full[g.name] for g in groups if g.prunable)
+  if full_units == 0:
+    raise ValueError('the model has no prunable channel group (every group is kept whole: see '
+                     'each group\'s reason in Pruner.groups)')
+  removable = engine.removable_units(groups, full, {k: np.ones(w) for k, w in full.items()},
+                                     constraints)
+  need = target.units_to_remove(full_units, full_units)
+  if need is not None and need > removable:
+    raise ValueError(f'the target removes {need} units but only {removable} of the {full_units} '
+                     f'prunable units can go under {where}. Lower the target or relax them.')
+  if target.is_cost:
+    small = model.clone(widths=surgery.new_widths(full, engine.minimal_masks(groups, full,
+                                                                             constraints)))
+    cost = costs.flops if target.flops is not None else costs.params
+    best = 1 - cost(small, input_shape) / cost(model, input_shape)
+    want = target.flops if target.flops is not None else target.params
+    if best < want:
+      raise ValueError(
+          f'the target asks for {target.describe()}, but every group at its minimum under the '
+          f'constraints ({where}) removes only {best:.1%}. Lower the target or relax them.')
+
+
+class Pruner:
+  """Iterative pruning of one model to a target, driven from your own loop (module doc).
+
+  Args:
+    model: a Flax Linen module, an NNX module (pruned in place at every pruning step), or a
+      taylor_jax model (zoo, ``any_model.LinenModel``/``NNXModel``).
+    example_input: one batch, e.g. ``x[:2]`` (shape and dtype matter, not values).
+    target: where to stop (:class:`taylor_jax.engine.Target`).
+    estimator: a registered estimator name (``estimators.names()``) or a function
+      ``ScoreContext -> {group: (width,) scores}``. Default: Taylor-FO-BN, ``(dL/dz)^2`` with
+      ``z`` scaling each group's norms (or producers), from the parameter gradients.
+    frequency: minibatches per pruning period (calls of :meth:`step` between pruning steps).
+    units_per_step: units removed per pruning step (a cost target's last step may remove fewer).
+    ema_momentum: EMA of the period means across pruning steps (the reference's 0.9).
+    constraints: min width, max pruned share per group, width alignment.
+    rank_by: ``'score'`` (the paper) or ``'score_per_flop'`` (score per MAC a unit saves).
+    tolerance: a FLOPs/params target's last step may overshoot by this share of the full cost.
+    max_steps: stop after this many pruning steps even if the target is not reached.
+    tx: your optax optimizer; needed to shrink ``opt_state`` in :meth:`step`.
+    train_kwarg: name of a Linen module's train/eval argument (None: it has none).
+    keep_whole, prune_marked: see :func:`taylor_jax.discovery.discover_groups`.
+  """
+
+  def __init__(self, model: Any, example_input: Any, *, target: Target,
+               estimator: Union[str, Callable[..., Any]] = 'taylor_fo_bn_stream',
+               frequency: int = 30, units_per_step: int = 16, ema_momentum: float = 0.9,
+               constraints: Constraints = Constraints(), rank_by: str = 'score',
+               tolerance: float = 0.05, max_steps: int = 1000,
+               tx: Optional[optax.GradientTransformation] = None,
+               train_kwarg: Optional[str] = 'train', keep_whole: Sequence[str] = (),
+               prune_marked: bool = False):
+    if not isinstance(target, Target):
+      raise TypeError(f'target must be a taylor_jax.Target, e.g. Target(flops=0.4); got {target!r}')
+    for name, v, ok in (('frequency', frequency, frequency >= 1),
+                        ('units_per_step', units_per_step, units_per_step >= 1),
+                        ('ema_momentum', ema_momentum, 0 <= ema_momentum < 1),
+                        ('tolerance', tolerance, 0 <= tolerance < 1),
+                        ('max_steps', max_steps, max_steps >= 1)):
+      if not ok:
+        raise ValueError(f'Pruner({name}={v!r}): out of range')
+    if rank_by not in ('score', 'score_per_flop'):
+      raise ValueError(f"Pruner(rank_by={rank_by!r}): use 'score' or 'score_per_flop'")
+    self.estimator_name = estimator if isinstance(estimator, str) else getattr(
+        estimator, '__name__', repr(estimator))
+    self.estimator = estimators.get(estimator) if isinstance(estimator, str) else estimator
+    self.target, self.constraints, self.tx = target, constraints, tx
+    self.frequency, self.units_per_step = int(frequency), int(units_per_step)
+    self.ema_momentum, self.rank_by, self.tolerance = ema_momentum, rank_by, tolerance
+    self.max_steps = int(max_steps)
+    self.user_model = model if isinstance(model, nnx.Module) else None
+    self.input_shape = tuple(np.shape(example_input))[1:]
+    self.model = _adapter(model, example_input, train_kwarg=train_kwarg, keep_whole=keep_whole,
+                          prune_marked=prune_marked)
+    self.full_widths = dict(self.model.widths)
+    check_target_feasible(target, self.model, self.input_shape, constraints)
+    self.full_flops = costs.flops(self.model, self.input_shape)
+    self.full_params = costs.params(self.model, self.input_shape)
+    self.full_units = self._units(self.model.widths)
+    self.calls = 0          # host-side: calls of step() so far
+    self.prune_steps = 0
+    self.done = False
+    self.history: list[dict[str, Any]] = []
+
+  # -- what the model is now -------------------------------------------------------------------
+  @property
+  def groups(self):
+    """The channel groups at the current widths (each with ``prunable`` and ``reason``)."""
+    return self.model.groups()
+
+  @property
+  def widths(self) -> dict[str, int]:
+    return dict(self.model.widths)
+
+  def apply(self, variables, x, *, train: bool = False, mutable: Any = False):
+    """The current (possibly pruned) network: ``apply({'params', 'batch_stats'}, x)``; with
+    ``train=True, mutable=['batch_stats']`` returns ``(out, {'batch_stats': ...})``. Jit a step
+    that calls it again after a pruning step (shapes change, so jit retraces on its own)."""
+    return self.model.apply(variables, x, train=train, mutable=mutable)
+
+  def _units(self, widths) -> int:
+    return sum(int(widths[g.name]) for g in self.model.groups() if g.prunable)
+
+  # -- device side ---------------------------------------------------------------------------------
+  def init(self) -> PrunerState:
+    """Zero scores for the current widths."""
+    zeros = {k: jnp.zeros((w,), jnp.float32) for k, w in self.model.widths.items()}
+    return PrunerState(score_sum=zeros, score_count=jnp.zeros((), jnp.int32),
+                       score_ema=dict(zeros))
+
+  def scores(self, params, grads, *, batch_stats: Any = None, batch: Any = None,
+             axis_name: Optional[str] = None, step: Any = None) -> dict[str, jax.Array]:
+    """One minibatch's per-unit scores (jittable). ``grads``: ``dL/dparams`` of your step
+    (same tree as ``params``; inside a data-parallel step, give ``axis_name`` and un-averaged
+    per-device gradients, or averaged ones and no ``axis_name``). ``batch``
+    (``{'image', 'label'}``) only for estimators that run the model (Hessian products, FG)."""
+    groups = self.model.groups()
+    grads = jax.lax.pmean(grads, axis_name) if axis_name is not None else grads
+    ctx = estimators.ScoreContext(
+        self.model, groups, params, batch_stats or {},
+        {k: jnp.ones((w,), jnp.float32) for k, w in self.model.widths.items()},
+        batch if batch is not None else _NoBatch(self.estimator_name), train=True,
+        axis_name=axis_name, step=step)
+    ctx.set_grads(grads, masking.gate_grads_from_params(groups, params, grads))
+    return {k: jnp.asarray(v, jnp.float32) for k, v in self.estimator(ctx).items()}
+
+  def accumulate(self, state: PrunerState, params, grads, **kwargs) -> PrunerState:
+    """``state`` with this minibatch's :meth:`scores` added (jittable; kwargs as there)."""
+    s = self.scores(params, grads, **kwargs)
+    return state.replace(score_sum={k: state.score_sum[k] + s[k] for k in state.score_sum},
+                         score_count=state.score_count + 1)
+
+  # -- host side -----------------------------------------------------------------------------------
+  def step(self, state: PrunerState, variables: Mapping[str, Any], opt_state: Any = None
+           ) -> Optional[PruneStep]:
+    """Call once per training step, after it. Every ``frequency``-th call (until the target is
+    reached) prunes: ranks the period's scores, removes the lowest units from ``variables`` and
+    ``opt_state`` and returns a :class:`PruneStep`; otherwise returns None without reading
+    anything from the device."""
+    self.calls += 1
+    if self.done or self.calls % self.frequency:
+      return None
+    if opt_state is not None and self.tx is None:
+      raise ValueError('Pruner.step got an opt_state but the Pruner has no tx: pass '
+                       'Pruner(..., tx=your_optimizer) so its state can be shrunk')
+    host = jax.device_get(state)
+    groups = self.model.groups()
+    estimators.check_scores(self.estimator_name, host.score_sum, groups,
+                            f'summed over the pruning period ending at call {self.calls}')
+    ones = {k: np.ones((w,), np.float32) for k, w in self.model.widths.items()}
+    ema = engine.period_mean_and_ema(host.score_sum, int(host.score_count), host.score_ema,
+                                     ones, self.prune_steps == 0, self.ema_momentum)
+    model, shape = self.model, self.input_shape
+    excess = self.target.excess(
+        lambda m: costs.flops(model, shape, m) / self.full_flops,
+        lambda m: costs.params(model, shape, m) / self.full_params)
+    kept = self._units(self.model.widths)
+    masks = engine.prune_lowest(
+        ema, ones, groups, self.full_widths,
+        self.target.units_this_step(self.units_per_step, self.full_units, kept),
+        self.constraints, excess=excess, tolerance=self.tolerance,
+        unit_cost=self._unit_cost(ones) if self.rank_by == 'score_per_flop' else None)
+    new_vars, new_opt = self._shrink(groups, variables, opt_state, masks)
+    self.model = self.model.clone(widths=surgery.new_widths(self.model.widths, masks))
+    self.prune_steps += 1
+    self.load(new_vars)
+    record = self._record(new_vars)
+    record['removed'] = {k: np.flatnonzero(m == 0).tolist() for k, m in masks.items()
+                         if not np.all(m)}
+    self.done = (self.target.reached(self.full_units, record['units_kept'],
+                                     record['flops_ratio'], record['params_ratio'])
+                 or self.prune_steps >= self.max_steps)
+    record['done'] = self.done
+    self.history.append(record)
+    kept_ema = {k: v[np.flatnonzero(masks[k])] for k, v in ema.items()}
+    new_state = PrunerState(
+        score_sum={k: jnp.zeros((w,), jnp.float32) for k, w in self.model.widths.items()},
+        score_count=jnp.zeros((), jnp.int32),
+        score_ema={k: jnp.asarray(v, jnp.float32) for k, v in kept_ema.items()})
+    return PruneStep(new_vars, new_opt, new_state, record)
+
+  def load(self, variables: Mapping[str, Any]) -> Optional[nnx.Module]:
+    """Puts ``variables`` (of the current widths) into the NNX model given to the Pruner and
+    returns it (its structure already follows every pruning step; its weights are those of the
+    last pruning step until this call). For a Linen module, returns None: run
+    ``pruner.apply(variables, x)``, or ``taylor_jax.resize.linen_apply(module, variables, x)``."""
+    if self.user_model is None:
+      return None
+    merged = jax.tree.map(lambda a: a, dict(variables['params']))
+    any_model._deep_update(merged, variables.get('batch_stats', {}))
+    resize.nnx_load_state(self.user_model, merged)
+    return self.user_model
+
+  def _shrink(self, groups, variables, opt_state, masks):
+    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    sels = surgery.axis_selections(groups, variables, masks)
+    new_vars = surgery.apply_selections(variables, sels)
+    new_opt = (None if opt_state is None else
+               surgery.shrink_opt_state(self.tx, opt_state, variables['params'], sels))
+    return new_vars, new_opt
+
+  def _unit_cost(self, masks) -> engine.UnitCost:
+    """MACs one unit of each group saves now (``rank_by='score_per_flop'``)."""
+    base = costs.flops(self.model, self.input_shape, masks)
+    per_unit = {}
+    for g in self.model.groups():
+      if g.prunable and g.width > 1:
+        fewer = {k: v.copy() for k, v in masks.items()}
+        fewer[g.name][0] = 0.0
+        per_unit[g.name] = max(base - costs.flops(self.model, self.input_shape, fewer), 1)
+    return lambda name, width, chunk: chunk * per_unit.get(name, 1)
+
+  def _record(self, variables) -> dict[str, Any]:
+    flops = costs.flops(self.model, self.input_shape)
+    params = costs.count_params(variables['params'])
+    return {'prune_step': self.prune_steps, 'call': self.calls,
+            'units_kept': self._units(self.model.widths), 'widths': self.widths,
+            'flops': flops, 'params': params, 'flops_ratio': flops / self.full_flops,
+            'params_ratio': params / self.full_params}
+
+  def summary(self) -> str:
+    """The pruning history as a markdown table."""
+    lines = [f'Target: {self.target.describe()}; estimator {self.estimator_name}; '
+             f'{self.full_units} prunable units, {self.full_flops:,} MACs at the start.', '',
+             '| step | call | units kept | MACs | FLOPs cut | params |', '|---|---|---|---|---|---|']
+    for r in self.history:
+      lines.append(f"| {r['prune_step']} | {r['call']} | {r['units_kept']} | {r['flops']:,} | "
+                   f"{1 - r['flops_ratio']:.1%} | {r['params']:,} |")
+    return '\n'.join(lines)

@@ -1,0 +1,192 @@
+"""The public pruner (taylor_jax.pruner) in a hand-written loop: scores from the step's gradients
+equal autodiff through gates, a pruning step's smaller network computes what the masked one
+computes (optimizer state included), the target is reached, an NNX model is pruned in place, and
+bad input is refused before any work."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import taylor_jax
+from taylor_jax import estimators, pruner as pruner_lib
+from taylor_jax.engine import Constraints, Target
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((32, 12, 12, 1)).astype(np.float32)
+Y = RNG.integers(0, 4, 32).astype(np.int32)
+
+
+class LinenNet(nn.Module):
+  """Plain Linen, as a user writes it: conv-BN-ReLU x2, a residual add, a dense head."""
+  num_classes: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+    y = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(12, (3, 3))(x)))
+    y = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(y))
+    x = nn.relu(x + y)
+    x = nn.relu(nn.Dense(16)(x.mean((1, 2))))
+    return nn.Dense(self.num_classes)(x)
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, num_classes: int = 4, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 12, (3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(12, rngs=rngs)
+    self.head = nnx.Linear(12, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return self.head(x.mean((1, 2)))
+
+
+def _linen():
+  module = LinenNet()
+  variables = module.init(jax.random.key(0), X[:2])
+  # BN statistics away from identity, so that eval mode is a real check.
+  stats = jax.tree.map(lambda a: jnp.asarray(RNG.uniform(0.5, 1.5, a.shape), a.dtype),
+                       variables['batch_stats'])
+  return module, {'params': variables['params'], 'batch_stats': stats}
+
+
+def _train_step(pr, tx):
+  @jax.jit
+  def step(variables, opt_state, pstate, x, y):
+    def loss_fn(params):
+      out, new = pr.apply({**variables, 'params': params}, x, train=True,
+                          mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), new
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+    pstate = pr.accumulate(pstate, variables['params'], grads)
+    updates, opt_state = tx.update(grads, opt_state, variables['params'])
+    params = optax.apply_updates(variables['params'], updates)
+    return {**variables, **new, 'params': params}, opt_state, pstate, loss
+  return step
+
+
+def test_scores_from_gradients_equal_autodiff_through_gates():
+  module, variables = _linen()
+  pr = taylor_jax.Pruner(module, X[:2], target=Target(flops=0.3), estimator='taylor_fo_bn')
+  params = variables['params']
+
+  def loss(params, gates):
+    out, _ = pr.model.apply({**variables, 'params': params}, X, gates=gates, train=True,
+                            mutable=['batch_stats'])
+    return optax.softmax_cross_entropy_with_integer_labels(out, Y).mean()
+  ones = {k: jnp.ones((w,)) for k, w in pr.widths.items()}
+  grads, gate_grads = jax.grad(loss, argnums=(0, 1))(params, ones)
+  got = pr.scores(params, grads)
+  assert set(got) == set(pr.widths)
+  for k, g in gate_grads.items():
+    np.testing.assert_allclose(got[k], np.square(g), rtol=2e-4, atol=1e-9)
+  # and through the estimator registry's own context (gates differentiated inside it)
+  ctx = estimators.ScoreContext(pr.model, pr.groups, params, variables['batch_stats'], ones,
+                                {'image': X, 'label': Y}, train=True)
+  for k, v in estimators.get('taylor_fo_bn')(ctx).items():
+    np.testing.assert_allclose(got[k], v, rtol=2e-4, atol=1e-9)
+
+
+def test_pruning_step_smaller_network_equals_masked_network():
+  module, variables = _linen()
+  tx = optax.sgd(0.01, momentum=0.9)
+  pr = taylor_jax.Pruner(module, X[:2], target=Target(flops=0.5), frequency=2,
+                         units_per_step=5, tx=tx)
+  full_model, full_groups = pr.model, pr.groups
+  step = _train_step(pr, tx)
+  opt_state, pstate = tx.init(variables['params']), pr.init()
+  assert pr.step(None, variables) is None  # not due: nothing read (the state is not even looked at)
+  variables, opt_state, pstate, _ = step(variables, opt_state, pstate, X, Y)
+  res = pr.step(pstate, variables, opt_state)
+  assert res is not None and res.record['prune_step'] == 1
+  removed = res.record['removed']
+  assert sum(len(v) for v in removed.values()) == 5
+  masks = {g.name: np.ones(g.width, np.float32) for g in full_groups}
+  for k, idx in removed.items():
+    masks[k][idx] = 0.0
+  masked = full_model.apply(variables, X, gates=masks, train=False)
+  small = pr.apply(res.variables, X, train=False)
+  np.testing.assert_allclose(small, masked, atol=1e-5)
+  # optimizer state: the momentum of kept units is carried, shapes follow the params
+  assert jax.tree.map(np.shape, res.opt_state) == jax.tree.map(
+      np.shape, tx.init(res.variables['params']))
+  old_trace = jax.tree.leaves(opt_state)
+  assert any(np.abs(np.asarray(a)).sum() > 0 for a in jax.tree.leaves(res.opt_state))
+  assert len(old_trace) == len(jax.tree.leaves(res.opt_state))
+  # the EMA of the kept units is carried into the next period; sums restart
+  assert all(res.state.score_ema[k].shape == (w,) for k, w in pr.widths.items())
+  assert int(res.state.score_count) == 0
+
+
+def test_loop_reaches_flops_target_and_stops():
+  module, variables = _linen()
+  tx = optax.sgd(0.01, momentum=0.9)
+  pr = taylor_jax.Pruner(module, X[:2], target=Target(flops=0.4), frequency=1,
+                         units_per_step=6, tx=tx)
+  step = _train_step(pr, tx)
+  opt_state, pstate = tx.init(variables['params']), pr.init()
+  for _ in range(30):
+    variables, opt_state, pstate, loss = step(variables, opt_state, pstate, X, Y)
+    res = pr.step(pstate, variables, opt_state)
+    if res:
+      variables, opt_state, pstate = res.variables, res.opt_state, res.state
+    if pr.done:
+      break
+  assert pr.done and np.isfinite(float(loss))
+  last = pr.history[-1]
+  assert 1 - last['flops_ratio'] >= 0.4 - 1e-9
+  assert last['flops_ratio'] >= 1 - 0.4 - 0.05  # within the default tolerance
+  assert last['params'] == sum(np.size(a) for a in jax.tree.leaves(variables['params']))
+  assert pr.step(pstate, variables, opt_state) is None  # done: no more pruning
+  assert 'FLOPs cut' in pr.summary()
+
+
+def test_nnx_model_pruned_in_place():
+  model = NNXNet(rngs=nnx.Rngs(0))
+  tx = optax.adam(1e-3)
+  pr = taylor_jax.Pruner(model, X[:2], target=Target(units=6), frequency=1, units_per_step=3,
+                         tx=tx)
+  variables = pruner_lib.nnx_variables(model)
+  step = _train_step(pr, tx)
+  opt_state, pstate = tx.init(variables['params']), pr.init()
+  while not pr.done:
+    variables, opt_state, pstate, _ = step(variables, opt_state, pstate, X, Y)
+    res = pr.step(pstate, variables, opt_state)
+    if res:
+      variables, opt_state, pstate = res.variables, res.opt_state, res.state
+  assert len(pr.history) == 2 and pr.history[-1]['units_kept'] == 20 - 6
+  variables, opt_state, pstate, _ = step(variables, opt_state, pstate, X, Y)  # after the last
+  assert pr.load(variables) is model
+  assert model.conv2.out_features == pr.widths[next(k for k in pr.widths if 'conv2' in k or
+                                                   'bn2' in k)]
+  model.eval()
+  np.testing.assert_allclose(model(X), pr.apply(variables, X), atol=1e-5)
+
+
+def test_bad_input_refused_before_work():
+  module, variables = _linen()
+  with pytest.raises(ValueError, match='exactly one of'):
+    Target(flops=0.4, units=3)
+  with pytest.raises(TypeError, match='Target'):
+    taylor_jax.Pruner(module, X[:2], target=0.4)
+  with pytest.raises(ValueError, match='removes only'):
+    taylor_jax.Pruner(module, X[:2], target=Target(flops=0.9),
+                      constraints=Constraints(max_share=0.2))
+  with pytest.raises(ValueError, match='units_per_step'):
+    taylor_jax.Pruner(module, X[:2], target=Target(flops=0.4), units_per_step=0)
+  pr = taylor_jax.Pruner(module, X[:2], target=Target(flops=0.4), estimator='taylor_so',
+                         frequency=1)
+  grads = jax.tree.map(jnp.zeros_like, variables['params'])
+  with pytest.raises(ValueError, match='pass batch='):
+    pr.scores(variables['params'], grads)
+  with pytest.raises(ValueError, match='no tx'):
+    pr.step(pr.init(), variables, opt_state=optax.sgd(0.1).init(variables['params']))
