@@ -18,9 +18,15 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'resnet20'
-  c.dataset = 'fashion_mnist'  # 'fashion_mnist' | 'cifar10' | 'imagenet2012' | 'synthetic'
+  # 'fashion_mnist' | 'cifar10' | 'imagenet2012' | 'synthetic', or your own arrays: a .npz path,
+  # a directory of .npy files or 'package.module:function' (taylor_jax/data/user_data.py)
+  c.dataset = 'fashion_mnist'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir (None: default)
   c.image_size = ml_collections.FieldReference(None, field_type=int)  # None: dataset's own
+  # Per-channel normalisation (one value or one per channel; uint8 pixels count as /255).
+  # None: the dataset's own (your own data's: computed from its training images).
+  c.data_mean = ml_collections.FieldReference(None, field_type=tuple)
+  c.data_std = ml_collections.FieldReference(None, field_type=tuple)
   c.seed = 0
 
   c.train = ml_collections.ConfigDict()
@@ -198,7 +204,8 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
     any_model.load_factory(c.model)  # importable and present, before any data is read
   else:
     models._lookup(c.model)
-  input_pipeline.check_dataset_name(c.dataset)
+  input_pipeline.check_dataset_name(c.dataset, c.image_size, c.get('data_mean'),
+                                    c.get('data_std'))
   _check_finite(c)
   _check(c.train.batch_size >= 1, f'train.batch_size={c.train.batch_size}: must be >= 1')
   _check(c.train.epochs >= 0, f'train.epochs={c.train.epochs}: must be >= 0')
@@ -276,6 +283,11 @@ RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_s
                   'report.latency_repeats', 'report.latency_rounds', 'distributed.')
 
 
+# Fields added after runs were saved, with the value that does what those runs did: a saved
+# config without them resumes as if it had them at these values.
+ADDED_LATER = {'data_mean': None, 'data_std': None}
+
+
 def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
   """Whether field ``key`` can change the result of a run saved as ``old`` resumed as ``new``
   (flat JSON configs): not a RESULT_NEUTRAL field, nor a pruning field when either run does not
@@ -297,9 +309,10 @@ def result_changes(saved: dict[str, Any], config: ml_collections.ConfigDict
                    ) -> dict[str, tuple[Any, Any]]:
   """``{field: (saved value, new value)}`` for every field that changes the result and differs
   between ``saved`` (a checkpoint's JSON config) and ``config``; a field present on one side
-  only (a run saved by another version) differs too, with ``'<absent>'`` for the missing side."""
-  old = flat_items(saved)
+  only (a run saved by another version) differs too, with ``'<absent>'`` for the missing side,
+  except a field of ADDED_LATER missing from ``saved`` at the value that reproduces older runs."""
   new = flat_items(json.loads(config.to_json_best_effort()))
+  old = {**{k: v for k, v in ADDED_LATER.items() if k in new}, **flat_items(saved)}
   absent = '<absent>'
   return {k: (old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
           if _matters(k, old, new) and old.get(k, absent) != new.get(k, absent)}

@@ -221,18 +221,21 @@ class _Job:
     self.train_split = input_pipeline.create_split(
         c.dataset, 'train', batch_size=c.train.batch_size, train=True, seed=c.seed,
         data_dir=c.data_dir, image_size=c.image_size, augment=c.train.augment,
-        limit=c.train.limit_examples, crop_pad=c.train.crop_pad)
+        limit=c.train.limit_examples, crop_pad=c.train.crop_pad,
+        mean=c.data_mean, std=c.data_std)
     self.info = self.train_split.info
     self.test_split = input_pipeline.create_split(
         c.dataset, 'test', batch_size=c.train.eval_batch_size, train=False, seed=c.seed,
-        data_dir=c.data_dir, image_size=c.image_size, limit=c.train.limit_eval_examples)
+        data_dir=c.data_dir, image_size=c.image_size, limit=c.train.limit_eval_examples,
+        mean=c.data_mean, std=c.data_std)
     n_prune_eval = min(c.prune.eval_examples, self.info.test_size)
     # One batch when they fit, padded to a multiple of the devices (padding weighs 0).
     n_dev = jax.device_count()
     prune_eval_batch = min(c.train.eval_batch_size, -(-n_prune_eval // n_dev) * n_dev)
     self.prune_eval_split = (input_pipeline.create_split(
         c.dataset, 'test', batch_size=prune_eval_batch, train=False,
-        seed=c.seed, data_dir=c.data_dir, image_size=c.image_size, limit=n_prune_eval)
+        seed=c.seed, data_dir=c.data_dir, image_size=c.image_size, limit=n_prune_eval,
+        mean=c.data_mean, std=c.data_std)
                              if n_prune_eval > 0 else None)
     self.input_shape = tuple(self.info.image_shape)
     self.spe = self.train_split.steps_per_epoch
@@ -284,7 +287,10 @@ class _Job:
   def meta(self, phase: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {'phase': phase, 'widths': self.widths, 'num_classes': self.info.num_classes,
             'model': self.config.model, 'input_shape': list(self.input_shape),
-            'config': json.loads(self.config.to_json_best_effort()), 'extra': extra}
+            'config': json.loads(self.config.to_json_best_effort()), 'extra': extra,
+            # The normalisation trained with (a user dataset's: from its training images), so that
+            # evaluate_workdir normalises the test images the same way.
+            'data_mean': list(self.train_split.mean), 'data_std': list(self.train_split.std)}
 
   def save(self, state, phase: str, extra: dict[str, Any], force: bool = False) -> None:
     if force:
@@ -728,7 +734,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   split = input_pipeline.create_split(c.dataset, 'test', batch_size=config.train.eval_batch_size,
                                       train=False, seed=c.seed, data_dir=config.data_dir,
                                       image_size=c.image_size,
-                                      limit=c.train.get('limit_eval_examples'))
+                                      limit=c.train.get('limit_eval_examples'),
+                                      mean=meta.get('data_mean'), std=meta.get('data_std'))
   state = train.replicate(mesh, state)
   ev = train.evaluate(train.make_eval_step(model, mesh), state, mesh, split.batches(0))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

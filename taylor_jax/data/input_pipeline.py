@@ -3,7 +3,9 @@
 Datasets (by name): ``'fashion_mnist'`` (the project's builder for Debian's IDX files; see
 :mod:`taylor_jax.data.fashion_mnist_debian`), ``'cifar10'`` and ``'imagenet2012'`` (stock TFDS builders,
 read from an already prepared ``array_record`` data dir), and ``'synthetic'`` (seeded random data for
-benchmarks).
+benchmarks). A user's own numpy arrays come as a ``.npz`` path, a directory of ``.npy`` files or a
+``'package.module:function'`` (see :mod:`taylor_jax.data.user_data`); they go through the same
+:class:`Split`, normalised by per-channel statistics of their training images unless given.
 
 Order: epoch ``e`` of a training split visits ``np.random.default_rng([seed, e]).permutation(n)``;
 global batch ``i`` is ``perm[i*B:(i+1)*B]`` and process ``p`` takes the contiguous slice
@@ -51,6 +53,7 @@ class _Spec:
   tfds_name: str | None            # None: synthetic.
   splits: dict[str, str]           # Our split name -> TFDS split name.
   in_memory: bool                  # Small images: load the whole split once.
+  scale: float = 255.0             # Pixel value of 1.0 in mean/std units (1: float user images).
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,9 +86,14 @@ def names() -> list[str]:
 
 
 def _spec(name: str) -> _Spec:
-  if name not in _SPECS:
-    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(names())}.')
-  return _SPECS[name]
+  if name in _SPECS:
+    return _SPECS[name]
+  from taylor_jax.data import user_data  # Raises naming the built-in names and the 3 ways.
+  data = user_data.load(name, names())
+  info = DatasetInfo(name, data.num_classes, data.image_shape, len(data.train[1]),
+                     len(data.test[1]))
+  return _Spec(info, data.mean, data.std, None, {'train': 'train', 'test': 'test'}, True,
+               data.scale)
 
 
 def _with_image_size(info: DatasetInfo, image_size: int | None) -> DatasetInfo:
@@ -153,16 +161,22 @@ def _get_items(source, indices: np.ndarray) -> list[dict[str, Any]]:
   return [source[i] for i in indices]
 
 
-def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize of a uint8 (N,H,W,C) array to (N,size,size,C) (PIL)."""
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize of a uint8 or float32 (N,H,W,C) array to (N,size,size,C) (PIL)."""
   from PIL import Image
   n, h, w, c = images.shape
   if (h, w) == (size, size):
     return images
-  out = np.empty((n, size, size, c), np.uint8)
+  out = np.empty((n, size, size, c), images.dtype)
   for i in range(n):
-    img = Image.fromarray(images[i, :, :, 0] if c == 1 else images[i])
-    out[i] = np.asarray(img.resize((size, size), Image.BILINEAR)).reshape(size, size, c)
+    if images.dtype == np.uint8 and c in (1, 3):
+      img = Image.fromarray(images[i, :, :, 0] if c == 1 else images[i])
+      out[i] = np.asarray(img.resize((size, size), Image.BILINEAR)).reshape(size, size, c)
+      continue
+    for ch in range(c):  # PIL's 32-bit float mode, one channel at a time.
+      img = Image.fromarray(images[i, :, :, ch].astype(np.float32), mode='F')
+      res = np.asarray(img.resize((size, size), Image.BILINEAR))
+      out[i, :, :, ch] = np.clip(np.rint(res), 0, 255) if images.dtype == np.uint8 else res
   return out
 
 
@@ -172,7 +186,13 @@ _CACHE_LOCK = threading.Lock()
 
 def _load_arrays(name: str, split: str, data_dir: str, n: int, image_size: int | None
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` examples of a small split as (uint8 images, int32 labels), cached per process."""
+  """The first ``n`` examples of a small split as (images, int32 labels), cached per process;
+  images are uint8, or float32 for a user's float arrays."""
+  if name not in _SPECS:  # A user's arrays: user_data caches them and notices a changed file.
+    from taylor_jax.data import user_data
+    images, labels = getattr(user_data.load(name, names()), split)
+    return (images[:n] if image_size is None else _resize(images[:n], int(image_size)),
+            labels[:n])
   with _CACHE_LOCK:
     for key, (images, labels) in _CACHE.items():
       if key[:4] == (name, split, data_dir, image_size) and key[4] >= n:
@@ -191,7 +211,7 @@ def _load_arrays(name: str, split: str, data_dir: str, n: int, image_size: int |
             [np.asarray(it['image'], np.uint8).reshape(images.shape[1:]) for it in items])
         labels[start:start + len(items)] = [int(it['label']) for it in items]
       if image_size is not None:
-        images = _resize_uint8(images, int(image_size))
+        images = _resize(images, int(image_size))
     _CACHE[(name, split, data_dir, image_size, len(labels))] = (images, labels)
     return images, labels
 
@@ -344,7 +364,8 @@ class Split:
   def __init__(self, name: str, split: str, *, batch_size: int, train: bool, seed: int,
                data_dir: str | None, image_size: int | None, process_index: int,
                process_count: int, augment: bool, drop_remainder: bool, limit: int | None,
-               prefetch: int = 2, num_workers: int | None = None, crop_pad: int = 4):
+               prefetch: int = 2, num_workers: int | None = None, crop_pad: int = 4,
+               mean=None, std=None):
     spec = _spec(name)
     if crop_pad < 0:
       raise ValueError(f'crop_pad={crop_pad} must be >= 0 (0: flip only).')
@@ -367,8 +388,11 @@ class Split:
     self.augment = augment and train
     self.drop_remainder = drop_remainder
     self.prefetch = prefetch
-    self._mean = np.asarray(spec.mean, np.float32) * 255.0
-    self._inv_std = 1.0 / (np.asarray(spec.std, np.float32) * 255.0)
+    # The statistics used (the dataset's own unless given): stored with a checkpoint, so that
+    # evaluation in another process normalises the same way (run.py).
+    self.mean, self.std = normalization(name, self.info.image_shape[2], mean, std)
+    self._mean = np.asarray(self.mean, np.float32) * spec.scale
+    self._inv_std = 1.0 / (np.asarray(self.std, np.float32) * spec.scale)
     self._shift = self._mean * self._inv_std  # (x - mean) / std == x * inv_std - shift.
 
     full = self.info.train_size if split == 'train' else self.info.test_size
@@ -478,8 +502,12 @@ def create_split(name: str, split: str, *, batch_size: int, train: bool, seed: i
                  data_dir: str | None = None, image_size: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  augment: bool = True, drop_remainder: bool | None = None,
-                 limit: int | None = None, prefetch: int = 2, crop_pad: int = 4) -> Split:
+                 limit: int | None = None, prefetch: int = 2, crop_pad: int = 4,
+                 mean=None, std=None) -> Split:
   """A :class:`Split` of dataset ``name``; ``batch_size`` is the GLOBAL batch size.
+
+  ``mean``/``std``: per-channel normalisation (in units where a uint8 255 is 1.0), one value or
+  one per channel; None: the dataset's own (a user dataset's: of its training images).
 
   ``crop_pad``: zero padding before the random crop of 28/32 px datasets (0: flip only).
   ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``;
@@ -495,9 +523,33 @@ def create_split(name: str, split: str, *, batch_size: int, train: bool, seed: i
   return Split(name, split, batch_size=batch_size, train=train, seed=seed, data_dir=data_dir,
                image_size=image_size, process_index=process_index, process_count=process_count,
                augment=augment, drop_remainder=drop_remainder, limit=limit, prefetch=prefetch,
-               crop_pad=crop_pad)
+               crop_pad=crop_pad, mean=mean, std=std)
 
 
-def check_dataset_name(name: str) -> None:
-  """Raises ValueError naming the known datasets when ``name`` is not one of them."""
-  _spec(name)
+def normalization(name: str, channels: int, mean=None, std=None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) that dataset ``name`` is normalised with: ``mean``/``std`` where given (checked:
+  one finite value or one per channel, std > 0), else the dataset's own."""
+  spec = _spec(name)
+  out = []
+  for key, given, own in (('data_mean', mean, spec.mean), ('data_std', std, spec.std)):
+    if given is None:
+      out.append(tuple(float(v) for v in own))
+      continue
+    values = tuple(float(v) for v in np.atleast_1d(np.asarray(given, np.float64)))
+    if len(values) not in (1, channels) or not all(np.isfinite(values)) or (
+        key == 'data_std' and min(values) <= 0):
+      raise ValueError(
+          f'invalid config: {key}={given}: give one finite value or one per channel '
+          f'({channels} for {name!r}){", each > 0" if key == "data_std" else ""} '
+          '(None: computed from the training images)')
+    out.append(values)
+  return out[0], out[1]
+
+
+def check_dataset_name(name: str, image_size: int | None = None, mean=None, std=None) -> None:
+  """Raises ValueError when ``name`` is neither a built-in dataset nor a user's data that loads
+  and validates (the message lists the built-in names and the ways to bring data), or when the
+  given normalisation does not fit it."""
+  info = dataset_info(name, image_size=image_size)
+  normalization(name, info.image_shape[2], mean, std)
