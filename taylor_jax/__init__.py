@@ -4,7 +4,7 @@ The public pruning API for your own loop is ``taylor_jax.Pruner`` with ``taylor_
 (see :mod:`taylor_jax.pruner`); the main job is ``python -m taylor_jax.main``.
 """
 
-_PUBLIC = {'Pruner': 'pruner', 'PrunerState': 'pruner', 'PruneStep': 'pruner',
+_PUBLIC = {'Pruner': 'pruner', 'PrunerState': 'pruner', 'PruneStep': 'pruner', 'Schedule': 'pruner',
            'Target': 'engine', 'Constraints': 'engine'}
 
 

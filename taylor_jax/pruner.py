@@ -44,8 +44,8 @@ from taylor_jax import costs, engine, estimators, masking, resize, surgery
 from taylor_jax.engine import Constraints, Target
 from taylor_jax.models import any_model
 
-__all__ = ['Pruner', 'PrunerState', 'PruneStep', 'Target', 'Constraints', 'nnx_variables',
-           'check_target_feasible']
+__all__ = ['Pruner', 'PrunerState', 'PruneStep', 'Schedule', 'Target', 'Constraints',
+           'nnx_variables', 'prune_period', 'check_target_feasible']
 
 
 @flax.struct.dataclass
@@ -146,6 +146,117 @@ def check_target_feasible(target: Target, model: Any, input_shape: Sequence[int]
           f'constraints ({where}) removes only {best:.1%}. Lower the target or relax them.')
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When and how much to prune (defaults: the reference's, except ``units_per_step``).
+
+  ``frequency``: minibatches per pruning period; ``units_per_step``: units removed per pruning
+  step (a cost target's last step may remove fewer); ``ema_momentum``: EMA of the period means
+  across steps; ``normalize``: ``'l2'`` divides each group's period mean by its L2 norm;
+  ``tolerance``: a FLOPs/params target's last step may overshoot by this share of the full
+  cost; ``max_steps``: pruning steps at most; ``rank_by``: ``'score'`` (the paper) or
+  ``'score_per_flop'``; ``constraints``: min width, max pruned share, width alignment.
+  """
+  frequency: int = 30
+  units_per_step: int = 16
+  ema_momentum: float = 0.9
+  normalize: str = 'none'
+  tolerance: float = 0.05
+  max_steps: int = 1000
+  rank_by: str = 'score'
+  constraints: Constraints = Constraints()
+
+  def __post_init__(self):
+    for name, ok in (('frequency', self.frequency >= 1),
+                     ('units_per_step', self.units_per_step >= 1),
+                     ('ema_momentum', 0 <= self.ema_momentum < 1),
+                     ('tolerance', 0 <= self.tolerance < 1),
+                     ('max_steps', self.max_steps >= 1),
+                     ('normalize', self.normalize in ('none', 'l2'))):
+      if not ok:
+        raise ValueError(f'Schedule({name}={getattr(self, name)!r}): out of range')
+
+  @classmethod
+  def from_config(cls, prune) -> 'Schedule':
+    """The schedule of a ``config.prune`` section (``rank_by='score_per_latency'`` is the main
+    job's own: it passes its latency table as ``unit_cost``)."""
+    return cls(frequency=prune.frequency, units_per_step=prune.prune_per_iteration,
+               ema_momentum=prune.ema_momentum, normalize=prune.normalize,
+               tolerance=prune.target_tolerance, max_steps=prune.max_pruning_iterations,
+               rank_by='score', constraints=Constraints(prune.min_width, prune.max_share,
+                                                        prune.align))
+
+
+@dataclasses.dataclass(frozen=True)
+class FullSize:
+  """The unpruned network, which targets and constraints are relative to."""
+  widths: Mapping[str, int]
+  units: int
+  flops: int
+  params: int
+
+  @classmethod
+  def of(cls, model: Any, input_shape: Sequence[int]) -> 'FullSize':
+    widths = dict(model.widths)
+    return cls(widths, sum(widths[g.name] for g in model.groups() if g.prunable),
+               costs.flops(model, input_shape), costs.params(model, input_shape))
+
+
+def units_kept(groups, masks: Mapping[str, Any]) -> int:
+  return int(sum(int(np.asarray(masks[g.name]).sum()) for g in groups if g.prunable))
+
+
+def flops_unit_cost(model: Any, input_shape: Sequence[int],
+                    masks: Mapping[str, Any]) -> engine.UnitCost:
+  """MACs one unit of each group saves now (``rank_by='score_per_flop'``)."""
+  base = costs.flops(model, input_shape, masks)
+  per_unit = {}
+  for g in model.groups():
+    alive = np.flatnonzero(np.asarray(masks[g.name]))
+    if g.prunable and alive.size > 1:
+      fewer = {k: np.asarray(v, np.float32).copy() for k, v in masks.items()}
+      fewer[g.name][alive[0]] = 0.0
+      per_unit[g.name] = max(base - costs.flops(model, input_shape, fewer), 1)
+  return lambda name, width, chunk: chunk * per_unit.get(name, 1)
+
+
+def prune_period(model: Any, input_shape: Sequence[int], masks: Mapping[str, Any],
+                 score_sum: Mapping[str, Any], score_count: int, score_ema: Mapping[str, Any], *,
+                 first: bool, target: Target, schedule: Schedule, full: FullSize,
+                 unit_cost: Optional[engine.UnitCost] = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """One pruning step of the paper's schedule, on the host: ``(ema, new_masks)``.
+
+  The period mean of the scores, smoothed into the EMA (``first``: the mean itself), ranks the
+  live units globally (``engine.prune_lowest``); ``schedule.units_per_step`` go, fewer where
+  ``target`` needs fewer, and a cost target stops within ``schedule.tolerance``. The main job
+  and :class:`Pruner` both prune through here. ``unit_cost`` overrides ``schedule.rank_by``.
+  """
+  masks = {k: np.asarray(v, np.float32) for k, v in masks.items()}
+  ema = engine.period_mean_and_ema(score_sum, score_count, score_ema, masks, first,
+                                   schedule.ema_momentum, schedule.normalize)
+  groups = model.groups()
+  n = target.units_this_step(schedule.units_per_step, full.units, units_kept(groups, masks))
+  excess = target.excess(lambda m: costs.flops(model, input_shape, m) / full.flops,
+                         lambda m: costs.params(model, input_shape, m) / full.params)
+  if unit_cost is None and schedule.rank_by == 'score_per_flop':
+    unit_cost = flops_unit_cost(model, input_shape, masks)
+  new = engine.prune_lowest(ema, masks, groups, full.widths, n, schedule.constraints,
+                            excess=excess, tolerance=schedule.tolerance, unit_cost=unit_cost)
+  return ema, new
+
+
+def size_record(model: Any, input_shape: Sequence[int], params: Any,
+                full: FullSize) -> dict[str, Any]:
+  """Units kept, FLOPs (MACs) and parameters of a surgered ``model`` with ``params``, and their
+  ratios to the unpruned network's."""
+  flops, n_params = costs.flops(model, input_shape), costs.count_params(params)
+  kept = sum(int(model.widths[g.name]) for g in model.groups() if g.prunable)
+  return {'units_kept': kept, 'flops': flops,
+          'params': n_params, 'flops_ratio': flops / full.flops,
+          'params_ratio': n_params / full.params}
+
+
 class Pruner:
   """Iterative pruning of one model to a target, driven from your own loop (module doc).
 
@@ -157,53 +268,38 @@ class Pruner:
     estimator: a registered estimator name (``estimators.names()``) or a function
       ``ScoreContext -> {group: (width,) scores}``. Default: Taylor-FO-BN, ``(dL/dz)^2`` with
       ``z`` scaling each group's norms (or producers), from the parameter gradients.
-    frequency: minibatches per pruning period (calls of :meth:`step` between pruning steps).
-    units_per_step: units removed per pruning step (a cost target's last step may remove fewer).
-    ema_momentum: EMA of the period means across pruning steps (the reference's 0.9).
-    constraints: min width, max pruned share per group, width alignment.
-    rank_by: ``'score'`` (the paper) or ``'score_per_flop'`` (score per MAC a unit saves).
-    tolerance: a FLOPs/params target's last step may overshoot by this share of the full cost.
-    max_steps: stop after this many pruning steps even if the target is not reached.
     tx: your optax optimizer; needed to shrink ``opt_state`` in :meth:`step`.
     train_kwarg: name of a Linen module's train/eval argument (None: it has none).
     keep_whole, prune_marked: see :func:`taylor_jax.discovery.discover_groups`.
+    schedule options (:class:`Schedule`): ``frequency``, ``units_per_step``, ``ema_momentum``,
+      ``normalize``, ``tolerance``, ``max_steps``, ``rank_by``, ``constraints``.
   """
 
   def __init__(self, model: Any, example_input: Any, *, target: Target,
                estimator: Union[str, Callable[..., Any]] = 'taylor_fo_bn_stream',
-               frequency: int = 30, units_per_step: int = 16, ema_momentum: float = 0.9,
-               constraints: Constraints = Constraints(), rank_by: str = 'score',
-               tolerance: float = 0.05, max_steps: int = 1000,
                tx: Optional[optax.GradientTransformation] = None,
                train_kwarg: Optional[str] = 'train', keep_whole: Sequence[str] = (),
-               prune_marked: bool = False):
+               prune_marked: bool = False, **schedule: Any):
     if not isinstance(target, Target):
       raise TypeError(f'target must be a taylor_jax.Target, e.g. Target(flops=0.4); got {target!r}')
-    for name, v, ok in (('frequency', frequency, frequency >= 1),
-                        ('units_per_step', units_per_step, units_per_step >= 1),
-                        ('ema_momentum', ema_momentum, 0 <= ema_momentum < 1),
-                        ('tolerance', tolerance, 0 <= tolerance < 1),
-                        ('max_steps', max_steps, max_steps >= 1)):
-      if not ok:
-        raise ValueError(f'Pruner({name}={v!r}): out of range')
-    if rank_by not in ('score', 'score_per_flop'):
-      raise ValueError(f"Pruner(rank_by={rank_by!r}): use 'score' or 'score_per_flop'")
+    unknown = set(schedule) - {f.name for f in dataclasses.fields(Schedule)}
+    if unknown:
+      raise TypeError(f'Pruner got unknown option(s) {sorted(unknown)}; schedule options are '
+                      f'{[f.name for f in dataclasses.fields(Schedule)]}')
+    self.schedule = Schedule(**schedule)
+    if self.schedule.rank_by not in ('score', 'score_per_flop'):
+      raise ValueError(f"Pruner(rank_by={self.schedule.rank_by!r}): use 'score' or "
+                       "'score_per_flop'")
     self.estimator_name = estimator if isinstance(estimator, str) else getattr(
         estimator, '__name__', repr(estimator))
     self.estimator = estimators.get(estimator) if isinstance(estimator, str) else estimator
-    self.target, self.constraints, self.tx = target, constraints, tx
-    self.frequency, self.units_per_step = int(frequency), int(units_per_step)
-    self.ema_momentum, self.rank_by, self.tolerance = ema_momentum, rank_by, tolerance
-    self.max_steps = int(max_steps)
+    self.target, self.tx = target, tx
     self.user_model = model if isinstance(model, nnx.Module) else None
     self.input_shape = tuple(np.shape(example_input))[1:]
     self.model = _adapter(model, example_input, train_kwarg=train_kwarg, keep_whole=keep_whole,
                           prune_marked=prune_marked)
-    self.full_widths = dict(self.model.widths)
-    check_target_feasible(target, self.model, self.input_shape, constraints)
-    self.full_flops = costs.flops(self.model, self.input_shape)
-    self.full_params = costs.params(self.model, self.input_shape)
-    self.full_units = self._units(self.model.widths)
+    check_target_feasible(target, self.model, self.input_shape, self.schedule.constraints)
+    self.full = FullSize.of(self.model, self.input_shape)
     self.calls = 0          # host-side: calls of step() so far
     self.prune_steps = 0
     self.done = False
@@ -224,9 +320,6 @@ class Pruner:
     ``train=True, mutable=['batch_stats']`` returns ``(out, {'batch_stats': ...})``. Jit a step
     that calls it again after a pruning step (shapes change, so jit retraces on its own)."""
     return self.model.apply(variables, x, train=train, mutable=mutable)
-
-  def _units(self, widths) -> int:
-    return sum(int(widths[g.name]) for g in self.model.groups() if g.prunable)
 
   # -- device side ---------------------------------------------------------------------------------
   def init(self) -> PrunerState:
@@ -265,7 +358,7 @@ class Pruner:
     ``opt_state`` and returns a :class:`PruneStep`; otherwise returns None without reading
     anything from the device."""
     self.calls += 1
-    if self.done or self.calls % self.frequency:
+    if self.done or self.calls % self.schedule.frequency:
       return None
     if opt_state is not None and self.tx is None:
       raise ValueError('Pruner.step got an opt_state but the Pruner has no tx: pass '
@@ -275,35 +368,28 @@ class Pruner:
     estimators.check_scores(self.estimator_name, host.score_sum, groups,
                             f'summed over the pruning period ending at call {self.calls}')
     ones = {k: np.ones((w,), np.float32) for k, w in self.model.widths.items()}
-    ema = engine.period_mean_and_ema(host.score_sum, int(host.score_count), host.score_ema,
-                                     ones, self.prune_steps == 0, self.ema_momentum)
-    model, shape = self.model, self.input_shape
-    excess = self.target.excess(
-        lambda m: costs.flops(model, shape, m) / self.full_flops,
-        lambda m: costs.params(model, shape, m) / self.full_params)
-    kept = self._units(self.model.widths)
-    masks = engine.prune_lowest(
-        ema, ones, groups, self.full_widths,
-        self.target.units_this_step(self.units_per_step, self.full_units, kept),
-        self.constraints, excess=excess, tolerance=self.tolerance,
-        unit_cost=self._unit_cost(ones) if self.rank_by == 'score_per_flop' else None)
+    ema, masks = prune_period(self.model, self.input_shape, ones, host.score_sum,
+                              int(host.score_count), host.score_ema, first=self.prune_steps == 0,
+                              target=self.target, schedule=self.schedule, full=self.full)
     new_vars, new_opt = self._shrink(groups, variables, opt_state, masks)
     self.model = self.model.clone(widths=surgery.new_widths(self.model.widths, masks))
     self.prune_steps += 1
     self.load(new_vars)
-    record = self._record(new_vars)
-    record['removed'] = {k: np.flatnonzero(m == 0).tolist() for k, m in masks.items()
-                         if not np.all(m)}
-    self.done = (self.target.reached(self.full_units, record['units_kept'],
+    record = {'prune_step': self.prune_steps, 'call': self.calls,
+              **size_record(self.model, self.input_shape, new_vars['params'], self.full),
+              'widths': self.widths,
+              'removed': {k: np.flatnonzero(m == 0).tolist() for k, m in masks.items()
+                          if not np.all(m)}}
+    self.done = (self.target.reached(self.full.units, record['units_kept'],
                                      record['flops_ratio'], record['params_ratio'])
-                 or self.prune_steps >= self.max_steps)
+                 or self.prune_steps >= self.schedule.max_steps)
     record['done'] = self.done
     self.history.append(record)
-    kept_ema = {k: v[np.flatnonzero(masks[k])] for k, v in ema.items()}
     new_state = PrunerState(
         score_sum={k: jnp.zeros((w,), jnp.float32) for k, w in self.model.widths.items()},
         score_count=jnp.zeros((), jnp.int32),
-        score_ema={k: jnp.asarray(v, jnp.float32) for k, v in kept_ema.items()})
+        score_ema={k: jnp.asarray(v[np.flatnonzero(masks[k])], jnp.float32)
+                   for k, v in ema.items()})
     return PruneStep(new_vars, new_opt, new_state, record)
 
   def load(self, variables: Mapping[str, Any]) -> Optional[nnx.Module]:
@@ -326,29 +412,10 @@ class Pruner:
                surgery.shrink_opt_state(self.tx, opt_state, variables['params'], sels))
     return new_vars, new_opt
 
-  def _unit_cost(self, masks) -> engine.UnitCost:
-    """MACs one unit of each group saves now (``rank_by='score_per_flop'``)."""
-    base = costs.flops(self.model, self.input_shape, masks)
-    per_unit = {}
-    for g in self.model.groups():
-      if g.prunable and g.width > 1:
-        fewer = {k: v.copy() for k, v in masks.items()}
-        fewer[g.name][0] = 0.0
-        per_unit[g.name] = max(base - costs.flops(self.model, self.input_shape, fewer), 1)
-    return lambda name, width, chunk: chunk * per_unit.get(name, 1)
-
-  def _record(self, variables) -> dict[str, Any]:
-    flops = costs.flops(self.model, self.input_shape)
-    params = costs.count_params(variables['params'])
-    return {'prune_step': self.prune_steps, 'call': self.calls,
-            'units_kept': self._units(self.model.widths), 'widths': self.widths,
-            'flops': flops, 'params': params, 'flops_ratio': flops / self.full_flops,
-            'params_ratio': params / self.full_params}
-
   def summary(self) -> str:
     """The pruning history as a markdown table."""
     lines = [f'Target: {self.target.describe()}; estimator {self.estimator_name}; '
-             f'{self.full_units} prunable units, {self.full_flops:,} MACs at the start.', '',
+             f'{self.full.units} prunable units, {self.full.flops:,} MACs at the start.', '',
              '| step | call | units kept | MACs | FLOPs cut | params |', '|---|---|---|---|---|---|']
     for r in self.history:
       lines.append(f"| {r['prune_step']} | {r['call']} | {r['units_kept']} | {r['flops']:,} | "
