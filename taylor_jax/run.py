@@ -17,6 +17,7 @@ restores without a template), the pruning history and the baseline results.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import numpy as np
 import tqdm
 
 from taylor_jax import checkpoint, checks, configlib, costs, engine, estimators, methods, models
-from taylor_jax import report
+from taylor_jax import pruner, report
 from taylor_jax import surgery
 from taylor_jax import train
 from taylor_jax.data import input_pipeline
@@ -134,12 +135,6 @@ def _check_estimator(job, state, name: str) -> None:
                    host.masks, batch, step=int(host.step))
 
 
-def _target_excess(target: engine.Target, model, input_shape, full_flops: int, full_params: int):
-  """``target.excess`` for ``model`` (the current, possibly surgered one)."""
-  return target.excess(lambda masks: costs.flops(model, input_shape, masks) / full_flops,
-                       lambda masks: costs.params(model, input_shape, masks) / full_params)
-
-
 def _latency_table(job) -> dict[str, dict[str, float]]:
   """``{group: {str(width): ms}}`` (JSON keys) of the current model, batch-64 latency with one
   group at a time at each width up to its current one that the constraints let it reach
@@ -153,26 +148,17 @@ def _latency_table(job) -> dict[str, dict[str, float]]:
   return {k: {str(w): ms for w, ms in t.items()} for k, t in table.items()}
 
 
-def _unit_cost(config, job, masks, extra) -> Optional[engine.UnitCost]:
+def _unit_cost(job, masks) -> Optional[engine.UnitCost]:
   """What ``engine.prune_lowest`` divides scores by under ``prune.rank_by`` (None: plain
   scores): FLOPs (MACs) one unit of each group saves now, or the milliseconds a chunk saves
   according to the latency table (floored at a millionth of the network's latency per unit,
   so chunks that save nothing go last rather than never)."""
-  rank_by = config.prune.rank_by
+  rank_by = job.config.prune.rank_by
   if rank_by == 'score':
     return None
   if rank_by == 'score_per_flop':
-    base = costs.flops(job.model, job.input_shape, masks)
-    per_unit = {}
-    for g in job.groups:
-      alive = np.flatnonzero(np.asarray(masks[g.name]))
-      if not g.prunable or alive.size <= 1:
-        continue
-      fewer = {k: np.asarray(v, np.float32).copy() for k, v in masks.items()}
-      fewer[g.name][alive[0]] = 0.0
-      per_unit[g.name] = max(base - costs.flops(job.model, job.input_shape, fewer), 1)
-    return lambda name, width, chunk: chunk * per_unit.get(name, 1)
-  table = {k: {int(w): ms for w, ms in t.items()} for k, t in extra['latency_table'].items()}
+    return pruner.flops_unit_cost(job.model, job.input_shape, masks)
+  table = {k: {int(w): ms for w, ms in t.items()} for k, t in job.record.latency_table.items()}
   whole = max(max(t.values()) for t in table.values())
   floor = 1e-6 * whole
   return lambda name, width, chunk: max(
@@ -180,41 +166,67 @@ def _unit_cost(config, job, masks, extra) -> Optional[engine.UnitCost]:
       chunk * floor)
 
 
-def _check_target_feasible(config, groups, full_widths, constraints, model, input_shape,
-                           full_flops, full_params) -> None:
-  """Refuses, before any training, targets the constraints cannot reach."""
-  p, target = config.prune, engine.Target.from_config(config.prune)
-  full_units = sum(full_widths[g.name] for g in groups if g.prunable)
-  removable = engine.removable_units(groups, full_widths, {g.name: np.ones(full_widths[g.name])
-                                                           for g in groups}, constraints)
-  need = None if target is None else target.units_to_remove(full_units, full_units)
-  if need is not None and need > removable:
-    raise ValueError(
-        f'invalid config: the target removes {need} units but only {removable} of the '
-        f'{full_units} prunable units can go under prune.min_width={p.min_width}, '
-        f'prune.max_share={p.max_share}, prune.align={p.align}. Lower the target or relax them.')
-  if p.target_flops_reduction is not None or p.target_params_reduction is not None:
-    minimal = engine.minimal_masks(groups, full_widths, constraints)
-    small_model = model.clone(widths=surgery.new_widths(full_widths, minimal))
-    if p.target_flops_reduction is not None:
-      best = 1 - costs.flops(small_model, input_shape) / full_flops
-      what, want = 'FLOPs', p.target_flops_reduction
-    else:
-      best = 1 - costs.params(small_model, input_shape) / full_params
-      what, want = 'parameters', p.target_params_reduction
-    if best < want:
-      raise ValueError(
-          f'invalid config: the target asks for {want:.0%} fewer {what}, but pruning every group '
-          f'to its minimum under the constraints (min_width={p.min_width}, '
-          f'max_share={p.max_share}, align={p.align}) removes only {best:.1%}. Lower the target '
-          'or relax the constraints.')
+def _full_size(config) -> tuple[pruner.FullSize, tuple[int, ...]]:
+  """The unpruned network's size, and the input shape; refuses, before any data is read or file
+  written, targets the constraints cannot reach."""
+  c = config
+  info = input_pipeline.dataset_info(c.dataset, c.data_dir, c.image_size)
+  input_shape = tuple(info.image_shape)
+  full_model = models.create(c.model, info.num_classes, input_shape=input_shape)
+  target = engine.Target.from_config(c.prune)
+  if c.prune.enabled:
+    _check_align(full_model.groups(), dict(full_model.widths), c.prune.align)
+  if c.prune.enabled and target is not None:
+    try:
+      pruner.check_target_feasible(
+          target, full_model, input_shape,
+          engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align))
+    except ValueError as e:
+      raise ValueError(f'invalid config: {e} (prune.target_*, prune.min_width, '
+                       'prune.max_share, prune.align)') from None
+  return pruner.FullSize.of(full_model, input_shape), input_shape
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """What the run has done so far: saved (as JSON) with every checkpoint, read by the report.
+
+  ``history``: one record per pruning step; ``baseline``: test metrics and size before pruning;
+  ``prune_start_step`` / ``prune_end_step``: global steps; ``*_wall_s``: wall time of a phase in
+  the process that ran it; ``method``: a registered method's own results; ``latency_table``:
+  ``rank_by='score_per_latency'``'s measurements (kept so a resumed run ranks with them);
+  ``config_changes``: fields changed on resume under ``--allow_config_change``.
+  """
+  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  baseline: Optional[dict[str, Any]] = None
+  prune_start_step: Optional[int] = None
+  prune_end_step: Optional[int] = None
+  prune_wall_s: Optional[float] = None
+  finetune_wall_s: Optional[float] = None
+  method: Optional[dict[str, Any]] = None
+  latency_table: Optional[dict[str, dict[str, float]]] = None
+  config_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, saved: dict[str, Any]) -> 'RunRecord':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+      raise IncompatibleCheckpointError(
+          f'the checkpoint\'s run record has fields this version does not know: {unknown}')
+    return cls(**saved)
 
 
 class _Job:
   """State of one run of the main job; methods are its phases."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, full: pruner.FullSize):
+    self.config, self.workdir, self.full = config, workdir, full
+    self.record = RunRecord()
+    self.step = 0  # the global step, counted on the host (set by _start)
     os.makedirs(workdir, exist_ok=True)
     self.mesh = train.create_mesh()
     c = config
@@ -243,6 +255,8 @@ class _Job:
     self.finetune_steps = int(round(c.prune.finetune_epochs * self.spe))
     self.full_widths = models.full_widths(c.model, self.info.num_classes, self.input_shape)
     self.constraints = engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align)
+    self.target = engine.Target.from_config(c.prune)
+    self.schedule = pruner.Schedule.from_config(c.prune) if c.prune.enabled else None
     self.estimator = estimators.get(c.prune.estimator, **c.prune.estimator_options.to_dict()) \
         if c.prune.enabled else None
     self.mngr = checkpoint.manager(workdir)
@@ -284,23 +298,24 @@ class _Job:
     variables = model.init(jax.random.key(seed), np.zeros((1,) + self.input_shape, np.float32))
     return train.create_train_state(variables, self.tx_for(phase), widths=widths)
 
-  def meta(self, phase: str, extra: dict[str, Any]) -> dict[str, Any]:
+  def meta(self, phase: str) -> dict[str, Any]:
     return {'phase': phase, 'widths': self.widths, 'num_classes': self.info.num_classes,
             'model': self.config.model, 'input_shape': list(self.input_shape),
-            'config': json.loads(self.config.to_json_best_effort()), 'extra': extra,
+            'config': json.loads(self.config.to_json_best_effort()),
+            'record': self.record.to_json(),
             # The normalisation trained with (a user dataset's: from its training images), so that
             # evaluate_workdir normalises the test images the same way.
             'data_mean': list(self.train_split.mean), 'data_std': list(self.train_split.std)}
 
-  def save(self, state, phase: str, extra: dict[str, Any], force: bool = False) -> None:
+  def save(self, state, phase: str, force: bool = False) -> None:
     if force:
       # A phase boundary that took no step (SNIP, 0 fine-tuning epochs, ...) lands on the step of
       # the previous checkpoint, and orbax refuses two saves at one step: the new one replaces it
       # (killed in between, the run resumes from the one before and redoes the phase).
       self.mngr.wait_until_finished()
-      if int(state.step) in self.mngr.all_steps():
-        self.mngr.delete(int(state.step))
-    checkpoint.save(self.mngr, int(state.step), state, self.meta(phase, extra), force=force)
+      if self.step in self.mngr.all_steps():
+        self.mngr.delete(self.step)
+    checkpoint.save(self.mngr, self.step, state, self.meta(phase), force=force)
 
   def evaluate(self, state, split) -> dict[str, float]:
     return train.evaluate(self.eval_step, state, self.mesh, split.batches(0))
@@ -345,11 +360,9 @@ class _Job:
       epoch, k = epoch + 1, 0
 
 
-def _method_context(job: _Job, state, full_flops: int, full_params: int,
-                    full_units: int) -> methods.MethodContext:
+def _method_context(job: _Job, state) -> methods.MethodContext:
   """What a registered method gets from the job (see taylor_jax/methods/__init__.py)."""
-  c = job.config
-  target = engine.Target.from_config(c.prune)
+  c, full = job.config, job.full
 
   def costs_fn(model, masks):
     small = model.clone(widths=surgery.new_widths(model.widths, masks))
@@ -359,11 +372,11 @@ def _method_context(job: _Job, state, full_flops: int, full_params: int,
             'params': costs.count_params(shapes['params'])}
 
   def target_reached(model, masks):
-    if target is None:
+    if job.target is None:
       return False
     cst = costs_fn(model, masks)
-    return target.reached(full_units, methods.units_kept(model.groups(), masks),
-                          cst['flops'] / full_flops, cst['params'] / full_params)
+    return job.target.reached(full.units, methods.units_kept(model.groups(), masks),
+                              cst['flops'] / full.flops, cst['params'] / full.params)
 
   def evaluate(model, host_state):
     if job.prune_eval_split is None:
@@ -376,37 +389,9 @@ def _method_context(job: _Job, state, full_flops: int, full_params: int,
       config=c, workdir=job.workdir, model=job.model, state=jax.device_get(state),
       full_widths=job.full_widths, constraints=job.constraints, input_shape=job.input_shape,
       num_classes=job.info.num_classes, steps_per_epoch=job.spe,
-      train_size=job.train_split.num_examples, mesh=job.mesh, full_flops=full_flops,
-      full_params=full_params, batches=job.batches_from, evaluate=evaluate, costs=costs_fn,
+      train_size=job.train_split.num_examples, mesh=job.mesh, full_flops=full.flops,
+      full_params=full.params, batches=job.batches_from, evaluate=evaluate, costs=costs_fn,
       target_reached=target_reached, log=lambda rec: _log_metrics(job.workdir, rec))
-
-
-def _run_method(job: _Job, state, extra: dict[str, Any], full_flops: int, full_params: int,
-                full_units: int):
-  """The 'prune' phase of a registered method: one call, then on to 'finetune' as after the
-  'taylor' engine (fresh optimizer, checkpoint). Returns the replicated fine-tuning state."""
-  t0 = time.time()
-  method = methods.get(job.config.prune.method)
-  res = method.fn(_method_context(job, state, full_flops, full_params, full_units))
-  widths = dict(res.model.widths)
-  host = jax.device_get(res.state)
-  # Normalise the per-unit bookkeeping to the new widths so the checkpoint restores from them.
-  ones = {k: np.ones((w,), np.float32) for k, w in widths.items()}
-  zeros = {k: np.zeros((w,), np.float32) for k, w in widths.items()}
-  job.build(widths, 'finetune')
-  host = host.replace(masks=ones, score_sum=zeros, score_ema=dict(zeros),
-                      score_count=np.zeros((), np.int32),
-                      prune_steps=np.asarray(len(res.history), np.int32),
-                      opt_state=job.tx.init(host.params))
-  for rec in res.history:
-    _log_metrics(job.workdir, {'phase': 'prune_step', **rec})
-  extra['history'].extend(res.history)
-  extra['method'] = {'name': method.name, **res.extra}
-  extra['prune_end_step'] = int(host.step)
-  extra['prune_wall_s'] = time.time() - t0
-  state = train.replicate(job.mesh, host)
-  job.save(state, 'finetune', extra, force=True)
-  return state
 
 
 def _init_from_torchvision(job: _Job):
@@ -435,70 +420,70 @@ def _check_groups_before_training(job: _Job, host_state, seed: int) -> None:
   logging.info('groups checked: %s', rec)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        allow_config_change: bool = False) -> dict[str, Any]:
-  """Runs (or resumes) the main job in ``workdir``; returns the report dict.
+# --- start: resume or begin ------------------------------------------------------------------------
 
-  A resumed run's config must equal the saved one on every field that changes the result
-  (configlib.result_changes) unless ``allow_config_change``; the changes are then recorded.
-  """
-  configlib.validate(config)
-  c = config
-  info = input_pipeline.dataset_info(c.dataset, c.data_dir, c.image_size)
-  input_shape = tuple(info.image_shape)
-  full_model = models.create(c.model, info.num_classes, input_shape=input_shape)
-  full_flops = costs.flops(full_model, input_shape)
-  full_params = costs.params(full_model, input_shape)
-  if c.prune.enabled:  # refuse unreachable targets before any data is read or file written
-    _check_align(full_model.groups(), dict(full_model.widths), c.prune.align)
-    _check_target_feasible(c, full_model.groups(), dict(full_model.widths),
-                           engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align),
-                           full_model, input_shape, full_flops, full_params)
-  job = _Job(config, workdir)
-  changes = {}
+def _resume(job: _Job, allow_config_change: bool):
+  """``(state, phase)`` of the workdir's newest checkpoint that restores, or None."""
+  c, changes = job.config, {}
 
   def check_meta(meta):
     changes.clear()
-    changes.update(_check_compatible(meta, c, workdir, allow_config_change))
+    changes.update(_check_compatible(meta, c, job.workdir, allow_config_change))
 
   restored = checkpoint.restore_newest(
       job.mngr, lambda m: job.fresh_state(m['widths'], m['phase'], c.seed), check_meta)
-  if restored is not None:
-    if restored.damaged:
-      moved = checkpoint.set_aside(job.mngr, workdir, [d[0] for d in restored.damaged])
-      for (step, _, why), dest in zip(restored.damaged, moved):
-        logging.warning('checkpoint step %d of %s does not restore: %s. Moved to %s (kept, not '
-                        'deleted); resuming from step %d.', step, workdir, why, dest,
-                        restored.step)
-    meta = restored.meta
-    phase, extra = meta['phase'], dict(meta.get('extra', {}))
-    job.build(meta['widths'], phase)
-    state = restored.state
-    if changes:
-      logging.warning('resuming %s at step %d under a changed config (--allow_config_change): %s',
-                      workdir, restored.step, changes)
-      extra['config_changes'] = extra.get('config_changes', []) + [
-          {'step': restored.step, 'changes': {k: list(v) for k, v in changes.items()}}]
-    logging.info('resumed %s at step %d (phase %s)', workdir, int(state.step), phase)
+  if restored is None:
+    return None
+  if restored.damaged:
+    moved = checkpoint.set_aside(job.mngr, job.workdir, [d[0] for d in restored.damaged])
+    for (step, _, why), dest in zip(restored.damaged, moved):
+      logging.warning('checkpoint step %d of %s does not restore: %s. Moved to %s (kept, not '
+                      'deleted); resuming from step %d.', step, job.workdir, why, dest,
+                      restored.step)
+  meta = restored.meta
+  # 'extra': the untyped record of checkpoints written before RunRecord.
+  job.record = RunRecord.from_json(meta.get('record', meta.get('extra', {})))
+  job.build(meta['widths'], meta['phase'])
+  if changes:
+    logging.warning('resuming %s at step %d under a changed config (--allow_config_change): %s',
+                    job.workdir, restored.step, changes)
+    job.record.config_changes.append(
+        {'step': restored.step, 'changes': {k: list(v) for k, v in changes.items()}})
+  logging.info('resumed %s at step %d (phase %s)', job.workdir, restored.step, meta['phase'])
+  return restored.state, meta['phase']
+
+
+def _from_init_checkpoint(job: _Job):
+  """The baseline of ``train.init_checkpoint`` (another workdir's run) as this run's baseline."""
+  c = job.config
+  init_mngr = checkpoint.manager(c.train.init_checkpoint)
+  init = checkpoint.restore_newest(
+      init_mngr, lambda m: job.fresh_state(m['widths'], 'baseline', c.seed),
+      lambda m: _check_compatible(m, c, c.train.init_checkpoint, allow_change=True))
+  if init is None:
+    raise FileNotFoundError(f'train.init_checkpoint={c.train.init_checkpoint!r} holds no '
+                            'checkpoint; run its config first')
+  for step, _, why in init.damaged:
+    logging.warning('train.init_checkpoint: checkpoint step %d does not restore (%s); '
+                    'starting from step %d instead.', step, why, init.step)
+  w = init.meta['widths']
+  job.widths = w
+  fresh = job.fresh_state(w, 'baseline', c.seed)
+  job.build(w, 'baseline')
+  return fresh.replace(params=init.state.params, batch_stats=init.state.batch_stats)
+
+
+def _start(job: _Job, allow_config_change: bool):
+  """``(replicated state, phase)``: resumed from the workdir, or a new run (from scratch, another
+  run's baseline or torchvision weights), checked before its first step."""
+  c = job.config
+  resumed = _resume(job, allow_config_change)
+  if resumed is not None:
+    state, phase = resumed
   else:
-    extra = {'history': []}
+    job.record = RunRecord()
     if c.train.init_checkpoint:
-      init_mngr = checkpoint.manager(c.train.init_checkpoint)
-      init = checkpoint.restore_newest(
-          init_mngr, lambda m: job.fresh_state(m['widths'], 'baseline', c.seed),
-          lambda m: _check_compatible(m, c, c.train.init_checkpoint, allow_change=True))
-      if init is None:
-        raise FileNotFoundError(f'train.init_checkpoint={c.train.init_checkpoint!r} holds no '
-                                'checkpoint; run its config first')
-      for step, _, why in init.damaged:
-        logging.warning('train.init_checkpoint: checkpoint step %d does not restore (%s); '
-                        'starting from step %d instead.', step, why, init.step)
-      w = init.meta['widths']
-      job.widths = w
-      fresh = job.fresh_state(w, 'baseline', c.seed)
-      state = fresh.replace(params=init.state.params, batch_stats=init.state.batch_stats)
-      phase = 'baseline_done'
-      job.build(w, 'baseline')
+      state, phase = _from_init_checkpoint(job), 'baseline_done'
     elif c.train.get('init_torchvision'):
       state, phase = _init_from_torchvision(job), 'baseline_done'
     else:
@@ -508,189 +493,269 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if c.prune.enabled and c.prune.method == methods.TAYLOR and phase in (
       'baseline', 'baseline_done', 'prune'):
     _check_estimator(job, state, c.prune.estimator)
-  if c.prune.enabled and restored is None and c.prune.check_groups:
+  if c.prune.enabled and resumed is None and c.prune.check_groups:
     _check_groups_before_training(job, jax.device_get(state), c.seed)
-  state = train.replicate(job.mesh, state)
-  full_units = sum(job.full_widths[g.name] for g in job.groups if g.prunable)
+  job.step = int(jax.device_get(state.step))  # the host's step counter from here on
+  return train.replicate(job.mesh, state), phase
 
-  bar = tqdm.tqdm(total=job.baseline_steps + job.finetune_steps, initial=int(state.step),
-                  desc=phase, mininterval=5.0, disable=jax.process_index() != 0)
-  log_every, ckpt_every = c.train.log_every_steps, c.train.checkpoint_every_steps
 
-  def train_until(state, stop_step: int, phase: str, on_step=None):
-    """Trains to ``stop_step`` (or until ``on_step`` returns a new phase); checkpoints."""
-    it = job.batches_from(int(state.step))
-    losses = []
-    while int(state.step) < stop_step:
-      state, metrics = job.train_step(state, next(it))
-      step = int(state.step)
-      # The loop waits for every step anyway (int(state.step)); a NaN is caught at its step,
-      # before anything computed from it is saved.
-      m = jax.device_get(metrics)
-      if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])
-              and m['params_finite']):
-        lr = _lr_field(phase)
-        section, field = lr.split('.')
-        _stop_nonfinite(job, f'the training loss is {m["loss"]} (gradient norm {m["grad_norm"]}'
-                             f'{"" if m["params_finite"] else ", weights not finite after it"})',
-                        step, phase, f'Lower {lr} (now {c[section][field]}).')
-      bar.update(1)
-      losses.append(metrics)
-      if step % log_every == 0:
-        m = jax.device_get(losses)
-        rec = {'step': step, 'phase': phase,
-               'train_loss': float(np.mean([x['loss'] for x in m])),
-               'train_accuracy': float(np.mean([x['accuracy'] for x in m])),
-               'wall_s': time.time() - job.wall_start}
-        _log_metrics(workdir, rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_accuracy']:.3f}")
-        losses = []
-      if on_step is not None:
-        state, new_phase = on_step(state)
-        if new_phase is not None:
-          return state, new_phase
-      if step % ckpt_every == 0:
-        job.save(state, phase, extra)
-    return state, None
+# --- training over a step range -------------------------------------------------------------------
 
-  # -- baseline ------------------------------------------------------------------------------
-  if phase == 'baseline':
-    bar.set_description('baseline')
-    state, _ = train_until(state, job.baseline_steps, 'baseline')
-    phase = 'baseline_done'
-  if phase == 'baseline_done':
-    if 'baseline' not in extra:
-      ev = job.evaluate(state, job.test_split)
-      extra['baseline'] = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
+def _check_finite(job: _Job, window: list, phase: str) -> None:
+  """Stops the run at the first step of ``window`` (``(step, metrics)`` not yet checked) whose
+  loss, gradient or weights are not finite; nothing after the last checkpoint is saved."""
+  for step, m in zip([s for s, _ in window], jax.device_get([m for _, m in window])):
+    if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])
+            and m['params_finite']):
+      lr = _lr_field(phase)
+      section, field = lr.split('.')
+      _stop_nonfinite(job, f'the training loss is {m["loss"]} (gradient norm {m["grad_norm"]}'
+                           f'{"" if m["params_finite"] else ", weights not finite after it"})',
+                      step, phase, f'Lower {lr} (now {job.config[section][field]}).')
+
+
+def _log_train(job: _Job, window: list, phase: str) -> None:
+  m = jax.device_get([x for _, x in window])
+  rec = {'step': job.step, 'phase': phase,
+         'train_loss': float(np.mean([x['loss'] for x in m])),
+         'train_accuracy': float(np.mean([x['accuracy'] for x in m])),
+         'wall_s': time.time() - job.wall_start}
+  _log_metrics(job.workdir, rec)
+  job.bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_accuracy']:.3f}")
+
+
+def _train(job: _Job, state, stop_step: int, phase: str, on_period=None, period: int = 0):
+  """Trains from ``job.step`` to ``stop_step``, checkpointing every ``checkpoint_every_steps``.
+
+  The host counts steps (no device read per step); losses are checked for NaN before every log
+  record, pruning step and checkpoint, and the first bad step is named. With ``on_period``
+  (``state -> (state, finished)``), it runs after every ``prune.frequency``-th step (``period``:
+  steps of the current period already taken) and training stops once it says finished."""
+  c = job.config.train
+  it = job.batches_from(job.step)
+  window, unchecked = [], 0  # (step, metrics) since the last log; how many not yet checked
+
+  def check():
+    nonlocal unchecked
+    _check_finite(job, window[len(window) - unchecked:], phase)
+    unchecked = 0
+
+  while job.step < stop_step:
+    state, metrics = job.train_step(state, next(it))
+    job.step += 1
+    job.bar.update(1)
+    window.append((job.step, metrics))
+    unchecked += 1
+    if job.step % c.log_every_steps == 0:
+      check()
+      _log_train(job, window, phase)
+      window = []
+    if on_period is not None:
+      period += 1
+      if period == job.schedule.frequency:
+        check()
+        period = 0
+        state, finished = on_period(state)
+        if finished:
+          return state
+    if job.step % c.checkpoint_every_steps == 0:
+      check()
+      job.save(state, phase)
+  check()
+  return state
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+def _end_baseline(job: _Job, state):
+  """Evaluates the baseline (once) and moves on to pruning (fresh optimizer) or to the end."""
+  c = job.config
+  if job.record.baseline is None:
+    ev = job.evaluate(state, job.test_split)
+    job.record.baseline = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
                            'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
-                           'step': int(state.step),
-                           'wall_s': time.time() - job.wall_start}
-      _log_metrics(workdir, {'step': int(state.step), 'phase': 'baseline_eval', **ev})
-      logging.info('baseline: %s', extra['baseline'])
-    phase = 'prune' if c.prune.enabled else 'done'
-    extra['prune_start_step'] = int(state.step)
-    if phase == 'prune':
-      job.build(job.widths, 'prune')
-      state = train.replicate(job.mesh, jax.device_get(state).replace(
-          opt_state=job.tx.init(jax.device_get(state.params))))
-    job.save(state, phase, extra, force=True)
-
-  # -- a registered method's pruning (taylor_jax/methods) -------------------------------------------
-  if phase == 'prune' and c.prune.method != methods.TAYLOR:
-    bar.set_description(c.prune.method)
-    state = _run_method(job, state, extra, full_flops, full_params, full_units)
-    phase = 'finetune'
-
-  # -- iterative pruning ---------------------------------------------------------------------------
+                           'step': job.step, 'wall_s': time.time() - job.wall_start}
+    _log_metrics(job.workdir, {'step': job.step, 'phase': 'baseline_eval', **ev})
+    logging.info('baseline: %s', job.record.baseline)
+  phase = 'prune' if c.prune.enabled else 'done'
+  job.record.prune_start_step = job.step
   if phase == 'prune':
-    bar.set_description('prune')
-    freq = c.prune.frequency
-    target = engine.Target.from_config(c.prune)
-    t_prune = time.time()
-    if c.prune.rank_by == 'score_per_latency' and 'latency_table' not in extra:
-      # Measured once, before the first pruning step, and kept in the checkpoint metadata: a
-      # resumed run ranks with the same table (timings differ from one measurement to the next).
-      extra['latency_table'] = _latency_table(job)
-      _log_metrics(workdir, {'phase': 'latency_table', 'table': extra['latency_table']})
+    job.build(job.widths, 'prune')
+    state = train.replicate(job.mesh, jax.device_get(state).replace(
+        opt_state=job.tx.init(jax.device_get(state.params))))
+  job.save(state, phase, force=True)
+  return state, phase
 
-    def on_step(state):
-      if int(state.score_count) < freq:
-        return state, None
-      host = jax.device_get(state)
-      masks = {k: np.asarray(v) for k, v in host.masks.items()}
-      bad = [k for k, v in host.score_sum.items() if not np.all(np.isfinite(v))]
-      if bad:
-        _stop_nonfinite(job, f'estimator {c.prune.estimator!r} (prune.estimator) gave non-finite '
-                             f'importance scores for group(s) {bad} in the pruning period ending',
-                        int(host.step), 'prune',
-                        f'(pruning step {int(host.prune_steps) + 1}; training losses were finite.) '
-                        'Check the estimator for divisions by zero or overflow.')
-      first = int(host.prune_steps) == 0
-      ema = engine.period_mean_and_ema(host.score_sum, int(host.score_count), host.score_ema,
-                                       masks, first, c.prune.ema_momentum, c.prune.normalize)
-      # Surgery drops removed units from widths and masks, so live units == sum of masks.
-      kept = sum(int(masks[g.name].sum()) for g in job.groups if g.prunable)
-      n = target.units_this_step(c.prune.prune_per_iteration, full_units, kept)
-      new_masks = engine.prune_lowest(
-          ema, masks, job.groups, job.full_widths, n, job.constraints,
-          excess=_target_excess(target, job.model, job.input_shape, full_flops, full_params),
-          tolerance=c.prune.target_tolerance, unit_cost=_unit_cost(c, job, masks, extra))
-      host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
-                          score_ema={k: np.asarray(v) for k, v in ema.items()},
-                          score_sum=jax.device_get(train.zeros_like_masks(new_masks)),
-                          score_count=np.zeros((), np.int32),
-                          prune_steps=host.prune_steps + 1)
-      cst = job.costs_of(host)
-      rec = {'prune_step': int(host.prune_steps), 'step': int(host.step),
-             'units_kept': int(sum(int(np.asarray(new_masks[g.name]).sum())
-                                   for g in job.groups if g.prunable)),
-             'flops': cst['flops'], 'params': cst['params'],
-             'flops_ratio': cst['flops'] / full_flops, 'params_ratio': cst['params'] / full_params,
-             'wall_s': time.time() - job.wall_start}
-      done = (target.reached(full_units, rec['units_kept'], rec['flops_ratio'],
+
+def _prune_step(job: _Job, state):
+  """One pruning step of the paper's schedule (pruner.prune_period) on the train state: new
+  masks, surgery, a history record. Returns ``(replicated state, target reached)``."""
+  c = job.config
+  host = jax.device_get(state)
+  masks = {k: np.asarray(v) for k, v in host.masks.items()}
+  bad = [k for k, v in host.score_sum.items() if not np.all(np.isfinite(v))]
+  if bad:
+    _stop_nonfinite(job, f'estimator {c.prune.estimator!r} (prune.estimator) gave non-finite '
+                         f'importance scores for group(s) {bad} in the pruning period ending',
+                    job.step, 'prune',
+                    f'(pruning step {int(host.prune_steps) + 1}; training losses were finite.) '
+                    'Check the estimator for divisions by zero or overflow.')
+  ema, new_masks = pruner.prune_period(
+      job.model, job.input_shape, masks, host.score_sum, int(host.score_count), host.score_ema,
+      first=int(host.prune_steps) == 0, target=job.target, schedule=job.schedule,
+      full=job.full, unit_cost=_unit_cost(job, masks))
+  host = host.replace(masks={k: np.asarray(v) for k, v in new_masks.items()},
+                      score_ema={k: np.asarray(v) for k, v in ema.items()},
+                      score_sum=jax.device_get(train.zeros_like_masks(new_masks)),
+                      score_count=np.zeros((), np.int32), prune_steps=host.prune_steps + 1)
+  cst = job.costs_of(host)
+  rec = {'prune_step': int(host.prune_steps), 'step': job.step,
+         'units_kept': pruner.units_kept(job.groups, new_masks),
+         'flops': cst['flops'], 'params': cst['params'],
+         'flops_ratio': cst['flops'] / job.full.flops, 'params_ratio': cst['params'] / job.full.params,
+         'wall_s': time.time() - job.wall_start}
+  done = (job.target.reached(job.full.units, rec['units_kept'], rec['flops_ratio'],
                              rec['params_ratio'])
-              or int(host.prune_steps) >= c.prune.max_pruning_iterations)
-      if c.prune.surgery and (int(host.prune_steps) % c.prune.surgery_every == 0 or done):
-        new_model, host = surgery.shrink_train_state(host, job.model, job.tx)
-        job.build(new_model.widths, 'prune')
-      if job.prune_eval_split is not None:
-        ev = train.evaluate(job.eval_step, host, job.mesh, job.prune_eval_split.batches(0))
-        rec['eval_accuracy'], rec['eval_loss'] = ev['accuracy'], ev['loss']
-      extra['history'].append(rec)
-      _log_metrics(workdir, {'phase': 'prune_step', **rec})
-      new_state = train.replicate(job.mesh, host)
-      if done:
-        extra['prune_end_step'] = int(host.step)
-        return new_state, 'finetune'
-      job.save(new_state, 'prune', extra)
-      return new_state, None
+          or int(host.prune_steps) >= c.prune.max_pruning_iterations)
+  if c.prune.surgery and (int(host.prune_steps) % c.prune.surgery_every == 0 or done):
+    new_model, host = surgery.shrink_train_state(host, job.model, job.tx)
+    job.build(new_model.widths, 'prune')
+  if job.prune_eval_split is not None:
+    ev = train.evaluate(job.eval_step, host, job.mesh, job.prune_eval_split.batches(0))
+    rec['eval_accuracy'], rec['eval_loss'] = ev['accuracy'], ev['loss']
+  job.record.history.append(rec)
+  _log_metrics(job.workdir, {'phase': 'prune_step', **rec})
+  return train.replicate(job.mesh, host), done
 
-    state, new_phase = train_until(state, 2**62, 'prune', on_step)
-    extra['prune_wall_s'] = time.time() - t_prune
-    phase = 'finetune'
-    job.build(job.widths, 'finetune')
-    host = jax.device_get(state)
-    state = train.replicate(job.mesh, host.replace(opt_state=job.tx.init(host.params)))
-    job.save(state, phase, extra, force=True)
 
-  # -- fine-tuning --------------------------------------------------------------------------------
-  if phase == 'finetune':
-    bar.set_description('finetune')
-    t_finetune = time.time()
-    state, _ = train_until(state, extra['prune_end_step'] + job.finetune_steps, 'finetune')
-    extra['finetune_wall_s'] = time.time() - t_finetune
-    phase = 'done'
-    job.save(state, phase, extra, force=True)
-  bar.close()
-  job.mngr.wait_until_finished()
+def _prune_taylor(job: _Job, state):
+  """The 'prune' phase of the paper: SGD with scores accumulated in the step; every
+  ``prune.frequency`` steps a pruning step, until the target. Returns the fine-tuning state."""
+  c = job.config
+  t0 = time.time()
+  if c.prune.rank_by == 'score_per_latency' and job.record.latency_table is None:
+    # Measured once, before the first pruning step, and kept in the checkpoint metadata: a
+    # resumed run ranks with the same table (timings differ from one measurement to the next).
+    job.record.latency_table = _latency_table(job)
+    _log_metrics(job.workdir, {'phase': 'latency_table', 'table': job.record.latency_table})
 
-  # -- report -------------------------------------------------------------------------------------
+  def on_period(state):
+    state, done = _prune_step(job, state)
+    if done:
+      job.record.prune_end_step = job.step
+    else:
+      job.save(state, 'prune')
+    return state, done
+
+  # A resumed run continues the period its checkpoint was in.
+  state = _train(job, state, 2**62, 'prune', on_period,
+                 period=int(jax.device_get(state.score_count)))
+  job.record.prune_wall_s = time.time() - t0
+  job.build(job.widths, 'finetune')
+  host = jax.device_get(state)
+  state = train.replicate(job.mesh, host.replace(opt_state=job.tx.init(host.params)))
+  job.save(state, 'finetune', force=True)
+  return state
+
+
+def _run_method(job: _Job, state):
+  """The 'prune' phase of a registered method: one call, then on to 'finetune' as after the
+  'taylor' engine (fresh optimizer, checkpoint). Returns the replicated fine-tuning state."""
+  t0 = time.time()
+  method = methods.get(job.config.prune.method)
+  res = method.fn(_method_context(job, state))
+  widths = dict(res.model.widths)
+  host = jax.device_get(res.state)
+  # Normalise the per-unit bookkeeping to the new widths so the checkpoint restores from them.
+  ones = {k: np.ones((w,), np.float32) for k, w in widths.items()}
+  zeros = {k: np.zeros((w,), np.float32) for k, w in widths.items()}
+  job.build(widths, 'finetune')
+  host = host.replace(masks=ones, score_sum=zeros, score_ema=dict(zeros),
+                      score_count=np.zeros((), np.int32),
+                      prune_steps=np.asarray(len(res.history), np.int32),
+                      opt_state=job.tx.init(host.params))
+  for rec in res.history:
+    _log_metrics(job.workdir, {'phase': 'prune_step', **rec})
+  job.record.history.extend(res.history)
+  job.record.method = {'name': method.name, **res.extra}
+  job.step = int(host.step)
+  job.record.prune_end_step = job.step
+  job.record.prune_wall_s = time.time() - t0
+  state = train.replicate(job.mesh, host)
+  job.save(state, 'finetune', force=True)
+  return state
+
+
+def _finetune(job: _Job, state):
+  t0 = time.time()
+  state = _train(job, state, job.record.prune_end_step + job.finetune_steps, 'finetune')
+  job.record.finetune_wall_s = time.time() - t0
+  job.save(state, 'done', force=True)
+  return state
+
+
+def _report(job: _Job, state) -> dict[str, Any]:
+  """Final evaluation, sizes and latencies; writes report.{json,md} and the plot."""
+  c, rec = job.config, job.record
   ev = job.evaluate(state, job.test_split)
   latency, full_latency = job.latencies(state, with_full=c.prune.enabled)
   final = {'test_accuracy': ev['accuracy'], 'test_loss': ev['loss'],
            'test_top5_accuracy': ev['top5_accuracy'], **job.costs_of(state),
-           **latency, 'step': int(state.step), 'widths': job.widths}
-  _log_metrics(workdir, {'step': int(state.step), 'phase': 'final_eval', **ev})
-  result = {'baseline': extra.get('baseline', final)}
+           **latency, 'step': job.step, 'widths': job.widths}
+  _log_metrics(job.workdir, {'step': job.step, 'phase': 'final_eval', **ev})
+  result = {'baseline': rec.baseline or final}
   if c.prune.enabled:
     # Baseline latency: the unpruned architecture, timed in turn with the pruned one just now.
     result['baseline'] = {**result['baseline'], **full_latency}
     result['pruned'] = final
-    result['history'] = extra['history']
+    result['history'] = rec.history
     # Wall time of the phases as run by the processes that ran them (a resumed run counts the
     # time after its restart only).
-    result['timing'] = {k: extra[k] for k in ('prune_wall_s', 'finetune_wall_s') if k in extra}
-    if 'method' in extra:
-      result['method'] = extra['method']
-    if 'latency_table' in extra:
-      result['latency_table'] = extra['latency_table']
+    result['timing'] = {k: getattr(rec, k) for k in ('prune_wall_s', 'finetune_wall_s')
+                        if getattr(rec, k) is not None}
+    if rec.method is not None:
+      result['method'] = rec.method
+    if rec.latency_table is not None:
+      result['latency_table'] = rec.latency_table
   result['config'] = json.loads(c.to_json_best_effort())
-  if 'config_changes' in extra:  # resumed under --allow_config_change: the saved values differ
-    result['config_changes'] = extra['config_changes']
+  if rec.config_changes:  # resumed under --allow_config_change: the saved values differ
+    result['config_changes'] = rec.config_changes
   result['wall_s_this_process'] = time.time() - job.wall_start
   if jax.process_index() == 0:
-    report.write(workdir, result)
+    report.write(job.workdir, result)
   return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the main job in ``workdir``; returns the report dict.
+
+  Phases, each ending in a checkpoint: 'baseline' -> 'baseline_done' -> 'prune' -> 'finetune'
+  -> 'done' -> report. A resumed run's config must equal the saved one on every field that
+  changes the result (configlib.result_changes) unless ``allow_config_change``; the changes are
+  then recorded.
+  """
+  configlib.validate(config)
+  full, _ = _full_size(config)
+  job = _Job(config, workdir, full)
+  state, phase = _start(job, allow_config_change)
+  job.bar = tqdm.tqdm(total=job.baseline_steps + job.finetune_steps, initial=job.step,
+                      desc=phase, mininterval=5.0, disable=jax.process_index() != 0)
+  if phase == 'baseline':
+    state = _train(job, state, job.baseline_steps, 'baseline')
+    phase = 'baseline_done'
+  if phase == 'baseline_done':
+    state, phase = _end_baseline(job, state)
+  if phase == 'prune':
+    job.bar.set_description(config.prune.method)
+    state = (_prune_taylor if config.prune.method == methods.TAYLOR else _run_method)(job, state)
+    phase = 'finetune'
+  if phase == 'finetune':
+    job.bar.set_description('finetune')
+    state = _finetune(job, state)
+  job.bar.close()
+  job.mngr.wait_until_finished()
+  return _report(job, state)
 
 
 def restore(workdir: str):

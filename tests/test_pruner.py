@@ -5,10 +5,13 @@ bad input is refused before any work."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import ml_collections
 import optax
 import pytest
 from flax import nnx
@@ -59,8 +62,8 @@ def _linen():
   return module, {'params': variables['params'], 'batch_stats': stats}
 
 
-def _train_step(pr, tx):
-  @jax.jit
+def _train_step(pr, tx, **jit_options):
+  @functools.partial(jax.jit, **jit_options)
   def step(variables, opt_state, pstate, x, y):
     def loss_fn(params):
       out, new = pr.apply({**variables, 'params': params}, x, train=True,
@@ -190,3 +193,60 @@ def test_bad_input_refused_before_work():
     pr.scores(variables['params'], grads)
   with pytest.raises(ValueError, match='no tx'):
     pr.step(pr.init(), variables, opt_state=optax.sgd(0.1).init(variables['params']))
+
+
+def test_main_job_and_pruner_in_a_hand_written_loop_prune_alike(tmp_path, fashion_mnist_data_dir):
+  """From one baseline, the main job's Taylor pruning phase and the Pruner driven by a
+  hand-written loop over the same batches, optimizer and estimator remove the same units:
+  identical widths, FLOPs and parameters after every pruning step."""
+  from taylor_jax import configlib, models, run, train
+  from taylor_jax.data import input_pipeline
+
+  def config(**prune):
+    c = configlib.base_config()
+    c.model, c.data_dir, c.train.crop_pad, c.train.augment = 'lenet3', fashion_mnist_data_dir, 0, False
+    c.train.limit_examples, c.train.batch_size, c.train.epochs = 512, 64, 1.0
+    c.train.limit_eval_examples = c.train.eval_batch_size = 100
+    c.report.latency_repeats = c.report.latency_rounds = 1
+    for k, v in prune.items():
+      c.prune[k] = v
+    return c
+
+  base_dir, pruned_dir = str(tmp_path / 'base'), str(tmp_path / 'pruned')
+  run.run(config(), base_dir)
+  c = config(enabled=True, estimator='taylor_fo_bn_stream', target_flops_reduction=0.35,
+             frequency=2, prune_per_iteration=6, finetune_epochs=0.0, eval_examples=0)
+  c.train.init_checkpoint = base_dir
+  report = run.run(c, pruned_dir)
+
+  # The same pruning, by hand: the baseline's weights, the prune phase's optimizer and batches.
+  _, base_state, _ = run.restore(base_dir)
+  variables = {'params': base_state.params, 'batch_stats': base_state.batch_stats}
+  optim = ml_collections.ConfigDict(c.optim.to_dict())
+  optim.learning_rate, optim.schedule, optim.warmup_epochs = c.prune.learning_rate, 'constant', 0.
+  tx = train.create_optimizer(optim, 8, 1)
+  model = models.create('lenet3', 10, input_shape=(28, 28, 1))
+  split = input_pipeline.create_split('fashion_mnist', 'train', batch_size=64, train=True,
+                                      seed=c.seed, data_dir=fashion_mnist_data_dir,
+                                      limit=512, augment=False, crop_pad=0)
+  pr = taylor_jax.Pruner(model, np.zeros((2, 28, 28, 1), np.float32),
+                         target=Target(flops=0.35), estimator='taylor_fo_bn_stream', tx=tx,
+                         frequency=2, units_per_step=6, tolerance=c.prune.target_tolerance)
+  step = _train_step(pr, tx, compiler_options=train.compiler_options())
+  opt_state, pstate = tx.init(variables['params']), pr.init()
+  for epoch in range(100):
+    for b in split.batches(epoch):
+      variables, opt_state, pstate, _ = step(variables, opt_state, pstate, b['image'], b['label'])
+      res = pr.step(pstate, variables, opt_state)
+      if res:
+        variables, opt_state, pstate = res.variables, res.opt_state, res.state
+      if pr.done:
+        break
+    if pr.done:
+      break
+  job = [{k: h[k] for k in ('units_kept', 'flops', 'params')} for h in report['history']]
+  mine = [{k: h[k] for k in ('units_kept', 'flops', 'params')} for h in pr.history]
+  assert mine == job and len(job) >= 2
+  assert pr.widths == report['pruned']['widths']
+  assert [h['step'] - report['history'][0]['step'] for h in report['history']] == [
+      h['call'] - pr.history[0]['call'] for h in pr.history]

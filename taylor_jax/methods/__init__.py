@@ -1,11 +1,13 @@
 """Pruning methods: how the main job gets from the baseline (trained or freshly initialised)
 network to the pruned one. ``c.prune.method`` picks one by name.
 
-``'taylor'`` (the default) is the iterative estimator-driven engine inlined in
-:mod:`taylor_jax.run` (scores accumulated inside the train step, ``engine.prune_lowest`` every
-``prune.frequency`` minibatches, surgery); it takes any registered estimator by name
-(``prune.estimator``: ``taylor_fo_bn``, ``bn_scale_grad``, ...). Every other method replaces that
-phase with one function call.
+``'taylor'`` (the default) is the paper's iterative schedule: scores accumulated inside the
+train step, every ``prune.frequency`` minibatches one :func:`taylor_jax.pruner.prune_period`
+(the pruning step the public :class:`taylor_jax.pruner.Pruner` also takes) and surgery; it
+takes any registered estimator by name (``prune.estimator``: ``taylor_fo_bn``,
+``bn_scale_grad``, ...). It interleaves pruning with the job's own SGD steps and checkpoints,
+so it is the 'prune' phase of :mod:`taylor_jax.run` (``_prune_taylor``) rather than one call.
+Every other method replaces that phase with one function call.
 
 The phases of a run with a registered method: 'baseline' (``train.epochs`` of ordinary training;
 0 for methods that start from the initialisation, or ``train.init_checkpoint``) -> 'prune' (the
