@@ -51,8 +51,20 @@ FLAGS = ['--config=configs/fashion_mnist_lenet3_baseline.py', '--config.prune.en
 _MEASURED = ('wall_s', 'wall_s_this_process', 'timing', 'latency_ms_b1', 'latency_ms_b64')
 
 
+EXTRA: list[str] = []  # --user_data: a user's model and arrays instead of the zoo and TFDS
+
+USER_MODEL = 'taylor_jax.models.examples.concat_cnn:ConcatCNN'
+
+
+def _write_user_data(path):
+  """A user's arrays as a .npz: 1,024 training and 500 test Fashion-MNIST images."""
+  from taylor_jax.data import fashion_mnist_debian
+  (xtr, ytr), (xte, yte) = [fashion_mnist_debian.read_split(s) for s in ('train', 'test')]
+  np.savez(path, x_train=xtr[:1024], y_train=ytr[:1024], x_test=xte[:500], y_test=yte[:500])
+
+
 def _cmd(workdir, data_dir):
-  return [sys.executable, '-m', 'taylor_jax.main', f'--workdir={workdir}', *FLAGS] + (
+  return [sys.executable, '-m', 'taylor_jax.main', f'--workdir={workdir}', *FLAGS, *EXTRA] + (
       [f'--config.data_dir={data_dir}'] if data_dir else [])
 
 
@@ -125,10 +137,19 @@ def main():
   ap.add_argument('--kills', type=int, default=10, help='trials, each killed at least once')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--data_dir', default=None)
-  ap.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results', 'kill_resume'))
+  ap.add_argument('--user_data', action='store_true',
+                  help=f'a user model ({USER_MODEL}) on a user .npz dataset')
+  ap.add_argument('--out', default=None, help='default: experiments/results/kill_resume'
+                                              '[_user_data]')
   args = ap.parse_args()
+  args.out = args.out or os.path.join(ROOT, 'experiments', 'results',
+                                      'kill_resume' + ('_user_data' if args.user_data else ''))
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix='kill_resume_')
+  if args.user_data:
+    npz = os.path.join(root, 'user_arrays.npz')
+    _write_user_data(npz)
+    EXTRA[:] = [f'--config.dataset={npz}', f'--config.model={USER_MODEL}']
   logs = open(os.path.join(root, 'runs.log'), 'w')
   t0 = time.time()
 
@@ -174,9 +195,10 @@ def main():
   n_kills = sum(len(t['kills']) for t in trials)
   import jax
   result = {
-      'command': 'PYTHONPATH=. .venv/bin/python -m taylor_jax.main --workdir=DIR ' + ' '.join(FLAGS),
+      'command': 'PYTHONPATH=. .venv/bin/python -m taylor_jax.main --workdir=DIR ' + ' '.join(
+          FLAGS + EXTRA),
       'benchmark': f'.venv/bin/python experiments/bench_kill_resume.py --kills {args.kills} '
-                   f'--seed {args.seed}',
+                   f'--seed {args.seed}' + (' --user_data' if args.user_data else ''),
       'device': f'{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores)',
       'uninterrupted_wall_s': round(wall, 1), 'final_step': ref_state[1],
       'reference_state_sha256': ref_state[0],
