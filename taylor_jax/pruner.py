@@ -100,6 +100,8 @@ def _adapter(model: Any, example_input: Any, *, train_kwarg: Optional[str],
              keep_whole: Sequence[str], prune_marked: bool):
   """The model behind the library's model protocol (groups, widths, clone, apply)."""
   opts = dict(keep_whole=tuple(keep_whole), prune_marked=prune_marked)
+  if all(hasattr(model, a) for a in ('groups', 'clone', 'apply', 'widths')):
+    return model  # already speaks the protocol (a zoo model, a LinenModel/NNXModel)
   if isinstance(model, nnx.Module):
     # A full-width snapshot of the structure: the adapter rebuilds modules from it (abstractly)
     # while the user's object is pruned in place.
@@ -111,8 +113,6 @@ def _adapter(model: Any, example_input: Any, *, train_kwarg: Optional[str],
     return any_model.NNXModel(build, example_input, **opts)
   if isinstance(model, nn.Module):
     return any_model.LinenModel(model, example_input, train_kwarg=train_kwarg, **opts)
-  if all(hasattr(model, a) for a in ('groups', 'clone', 'apply', 'widths')):
-    return model  # already speaks the protocol (a zoo model, a LinenModel/NNXModel)
   raise TypeError(f'Pruner needs a Flax Linen module, an NNX module or a taylor_jax model; got '
                   f'{type(model).__name__}')
 

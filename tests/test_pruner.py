@@ -196,7 +196,7 @@ def test_bad_input_refused_before_work():
 
 
 def test_main_job_and_pruner_in_a_hand_written_loop_prune_alike(tmp_path, fashion_mnist_data_dir):
-  """From one baseline, the main job's Taylor pruning phase and the Pruner driven by a
+  """From the same initialisation, the main job's Taylor pruning phase and the Pruner driven by a
   hand-written loop over the same batches, optimizer and estimator remove the same units:
   identical widths, FLOPs and parameters after every pruning step."""
   from taylor_jax import configlib, models, run, train
@@ -212,20 +212,18 @@ def test_main_job_and_pruner_in_a_hand_written_loop_prune_alike(tmp_path, fashio
       c.prune[k] = v
     return c
 
-  base_dir, pruned_dir = str(tmp_path / 'base'), str(tmp_path / 'pruned')
-  run.run(config(), base_dir)
+  # No baseline steps: pruning starts from the seed's initialisation, which the loop rebuilds.
   c = config(enabled=True, estimator='taylor_fo_bn_stream', target_flops_reduction=0.35,
              frequency=2, prune_per_iteration=6, finetune_epochs=0.0, eval_examples=0)
-  c.train.init_checkpoint = base_dir
-  report = run.run(c, pruned_dir)
+  c.train.epochs = 0.0
+  report = run.run(c, str(tmp_path / 'pruned'))
 
-  # The same pruning, by hand: the baseline's weights, the prune phase's optimizer and batches.
-  _, base_state, _ = run.restore(base_dir)
-  variables = {'params': base_state.params, 'batch_stats': base_state.batch_stats}
+  # The same pruning, by hand: the same initial weights, optimizer, batches and estimator.
+  model = models.create('lenet3', 10, input_shape=(28, 28, 1))
+  variables = model.init(jax.random.key(c.seed), np.zeros((1, 28, 28, 1), np.float32))
   optim = ml_collections.ConfigDict(c.optim.to_dict())
   optim.learning_rate, optim.schedule, optim.warmup_epochs = c.prune.learning_rate, 'constant', 0.
   tx = train.create_optimizer(optim, 8, 1)
-  model = models.create('lenet3', 10, input_shape=(28, 28, 1))
   split = input_pipeline.create_split('fashion_mnist', 'train', batch_size=64, train=True,
                                       seed=c.seed, data_dir=fashion_mnist_data_dir,
                                       limit=512, augment=False, crop_pad=0)
