@@ -41,7 +41,8 @@ Registered criteria (reference ids of NVlabs/Taylor_pruning in brackets):
 ``random`` [1]             uniform
 =========================  ================================================================
 
-Weight criteria reduce parameter trees to units with :func:`per_unit_sum`.
+Weight criteria reduce parameter trees to units with :func:`taylor_jax.masking.per_unit_sum`;
+the loss is :func:`taylor_jax.losses.cross_entropy`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from taylor_jax import losses, masking
 from taylor_jax.groups import ChannelGroup
 
 Scores = dict[str, jax.Array]
@@ -134,15 +135,6 @@ def probe(name: str, estimator: Estimator, model, groups: Sequence[ChannelGroup]
   check_scores(name, scores, groups, when)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  weights: Optional[jax.Array] = None) -> jax.Array:
-  """Per-example softmax cross-entropy times ``weights`` (0 for padding examples)."""
-  # At least float32 (bf16 logits are upcast; float64 stays float64 for exact tests).
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return loss if weights is None else loss * weights
-
-
 @dataclasses.dataclass
 class ScoreContext:
   """One minibatch and the network state an estimator scores.
@@ -201,7 +193,7 @@ class ScoreContext:
 
   def example_losses(self, params, gates) -> jax.Array:
     """``(B,)`` per-example losses of this device's examples."""
-    return cross_entropy(self.logits(params, gates), self.batch['label'])
+    return losses.cross_entropy(self.logits(params, gates), self.batch['label'])
 
   def loss(self, params, gates) -> jax.Array:
     """This device's minibatch-mean loss (its gradient, device-averaged, is the global one)."""
@@ -250,84 +242,16 @@ def taylor_fo_bn_stream(ctx: ScoreContext) -> Scores:
   ``taylor_fo_bn`` except on a residual stream gated more than once, where ``z`` scales the
   whole stream once instead of multiplying it again after every block (the reference's shared
   skip gate); this is the gate of models without gate code (discovered groups)."""
-  from taylor_jax import masking  # noqa: deferred (masking imports nothing from here)
   grads = masking.gate_grads_from_params(ctx.groups, ctx.params, ctx.param_grads())
   return {k: jnp.square(g) for k, g in grads.items()}
 
 
-# =============================================================================================
-# Per-unit reduction of parameter-shaped trees
-# =============================================================================================
-
-PRODUCER_ROLES = ('out',)
-ALL_ROLES = ('out', 'norm', 'in')
-
-
-def per_unit_sum(groups: Sequence[ChannelGroup], tree: Any,
-                 fn: Optional[Callable[..., jax.Array]] = None,
-                 roles: Sequence[str] = PRODUCER_ROLES,
-                 leaves: Optional[Sequence[str]] = None) -> Scores:
-  """Sums an elementwise function of variable-shaped trees into one number per unit.
-
-  For every group and every slice of it whose role is in ``roles`` (and whose last path element
-  is in ``leaves``, when given), ``fn`` is applied elementwise to the slice's array(s), the result
-  is summed over every axis except the slice axis, and the positions of unit ``c`` along that axis
-  (``position * stride + offset + c`` for ``repeat`` flattened positions, see
-  :meth:`Slice.positions`) are summed. The per-slice results are added up.
-
-  Args:
-    groups: the channel groups.
-    tree: a variables-like tree (collection first: ``{'params': ...}``) or a tuple of such trees
-      with the same structure (e.g. ``({'params': params}, {'params': grads})``); slices whose
-      collection (``path[0]``) is absent from the (first) tree are skipped, e.g. the BatchNorm
-      ``batch_stats`` slices of a gradient tree.
-    fn: ``fn(*arrays) -> array`` (elementwise, same shape); default identity on one tree.
-    roles: slice roles to include (``'out'`` producer, ``'norm'`` BatchNorm, ``'in'`` consumer).
-    leaves: if given, only slices whose array name (``path[-1]``) is one of these.
-
-  Returns:
-    group name -> ``(width,)``; groups without a matching slice get zeros.
-  """
-  trees = tree if isinstance(tree, tuple) else (tree,)
-  if fn is None:
-    fn = lambda x: x
-  out: Scores = {}
-  for g in groups:
-    total = None
-    for s in g.slices:
-      if s.role not in roles or (leaves is not None and s.path[-1] not in leaves):
-        continue
-      if s.path[0] not in trees[0]:
-        continue
-      arrays = []
-      for t in trees:
-        for key in s.path:
-          t = t[key]
-        arrays.append(t)
-      v = fn(*arrays)
-      axis = s.axis % v.ndim
-      red = jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != axis))
-      red = red.reshape(s.repeat, -1)[:, s.offset:s.offset + g.width].sum(axis=0)
-      total = red if total is None else total + red
-    out[g.name] = jnp.zeros((g.width,), jnp.float32) if total is None else total
-  return out
-
-
-def _params_tree(params) -> dict:
-  return {'params': params}
-
-
-def gate_grads_from_norm(groups: Sequence[ChannelGroup], params, param_grads) -> Scores:
-  """``dL/dz`` of every ``gate_after_norm`` group from its BatchNorm's gradients.
-
-  ``z * (gamma * xhat + beta)`` gives ``dL/dz = sum_{b,h,w} dL/dy (gamma xhat + beta) =
-  gamma dL/dgamma + beta dL/dbeta`` where ``z = 1`` (the BN gradients carry a factor ``z``, so
-  pruned units get 0 here instead of their gate gradient; scores of pruned units are zeroed
-  anyway). Costs a few ``(width,)`` products instead of a reduction over the activations.
-  """
-  after_norm = [g for g in groups if g.gate_after_norm]
-  return per_unit_sum(after_norm, (_params_tree(params), _params_tree(param_grads)),
-                      lambda w, g: w * g, roles=('norm',), leaves=('scale', 'bias'))
+def _param_sum(ctx: 'ScoreContext', fn, roles, leaves=None, with_grads: bool = True) -> Scores:
+  """:func:`taylor_jax.masking.per_unit_sum` of ``fn(w, g)`` (``fn(w)`` without grads) over the
+  parameters (and their device-averaged gradients)."""
+  trees = (ctx.params, ctx.param_grads()) if with_grads else ctx.params
+  return masking.per_unit_sum(ctx.groups, trees, fn, roles=roles, leaves=leaves,
+                              prefix=('params',))
 
 
 def _require_slices(ctx: 'ScoreContext', roles, leaves, what: str) -> None:
@@ -377,7 +301,7 @@ def _gate_hvp(ctx: 'ScoreContext', tangent: Scores):
 
 @register('taylor_so')
 def taylor_so(ctx: ScoreContext, on: str = 'gates',
-              roles: Sequence[str] = ALL_ROLES) -> Scores:
+              roles: Sequence[str] = masking.ALL_ROLES) -> Scores:
   """Taylor second order (paper's SO; reference id 11 keeps only diag(H)).
 
   ``on='gates'``: per unit ``(g_z z - 1/2 z (H z))^2`` with ``g_z = dL/dz``, ``H`` the Hessian of
@@ -401,7 +325,7 @@ def taylor_so(ctx: ScoreContext, on: str = 'gates',
     g, hw = ctx.mean_over_devices((g, hw))
     t = jax.tree.map(lambda w, gw, h: gw * w - 0.5 * w * h, ctx.params, g, hw)
     return {k: jnp.square(v) for k, v in
-            per_unit_sum(ctx.groups, _params_tree(t), roles=roles).items()}
+            masking.per_unit_sum(ctx.groups, t, roles=roles, prefix=('params',)).items()}
   raise ValueError(f"taylor_so: on must be 'gates' or 'weights', not {on!r}")
 
 
@@ -453,32 +377,30 @@ def obd_exact(ctx: ScoreContext) -> Scores:
 # =============================================================================================
 
 @register('taylor_fo_weight')
-def taylor_fo_weight(ctx: ScoreContext, roles: Sequence[str] = PRODUCER_ROLES) -> Scores:
+def taylor_fo_weight(ctx: ScoreContext, roles: Sequence[str] = masking.PRODUCER_ROLES) -> Scores:
   """Reference id 0: ``sum_s (w_s g_s)^2`` over the group's producer ('out': kernel output
   axis and bias) parameters (square then sum), ``g`` the device-averaged gradient."""
-  return per_unit_sum(ctx.groups, (_params_tree(ctx.params), _params_tree(ctx.param_grads())),
-                      lambda w, g: jnp.square(w * g), roles=roles)
+  return _param_sum(ctx, lambda w, g: jnp.square(w * g), roles)
 
 
 @register('taylor_fo_weight_exact')
-def taylor_fo_weight_exact(ctx: ScoreContext, roles: Sequence[str] = ALL_ROLES) -> Scores:
+def taylor_fo_weight_exact(ctx: ScoreContext, roles: Sequence[str] = masking.ALL_ROLES) -> Scores:
   """The paper's group form ``(sum_s w_s g_s)^2`` over EVERY parameter slice of the group
   (producer, BN scale/bias and consumer input slices): sum then square."""
-  s = per_unit_sum(ctx.groups, (_params_tree(ctx.params), _params_tree(ctx.param_grads())),
-                   lambda w, g: w * g, roles=roles)
+  s = _param_sum(ctx, lambda w, g: w * g, roles)
   return {k: jnp.square(v) for k, v in s.items()}
 
 
 @register('weight_l2')
-def weight_l2(ctx: ScoreContext, roles: Sequence[str] = PRODUCER_ROLES) -> Scores:
+def weight_l2(ctx: ScoreContext, roles: Sequence[str] = masking.PRODUCER_ROLES) -> Scores:
   """Reference id 2: ``sum w^2`` over the group's producer ('out') parameters."""
-  return per_unit_sum(ctx.groups, _params_tree(ctx.params), jnp.square, roles=roles)
+  return _param_sum(ctx, jnp.square, roles, with_grads=False)
 
 
 @register('weight_l1')
-def weight_l1(ctx: ScoreContext, roles: Sequence[str] = PRODUCER_ROLES) -> Scores:
+def weight_l1(ctx: ScoreContext, roles: Sequence[str] = masking.PRODUCER_ROLES) -> Scores:
   """``sum |w|`` over the group's producer ('out') parameters."""
-  return per_unit_sum(ctx.groups, _params_tree(ctx.params), jnp.abs, roles=roles)
+  return _param_sum(ctx, jnp.abs, roles, with_grads=False)
 
 
 @register('bn_scale')
@@ -486,8 +408,7 @@ def bn_scale(ctx: ScoreContext) -> Scores:
   """Reference id 30: ``|gamma|``; a group fed by several BatchNorms (a residual stream) gets
   the sum of ``|gamma|`` over them. ValueError if a group has no BatchNorm scale."""
   _require_slices(ctx, ('norm',), ('scale',), 'bn_scale')
-  return per_unit_sum(ctx.groups, _params_tree(ctx.params), jnp.abs, roles=('norm',),
-                      leaves=('scale',))
+  return _param_sum(ctx, jnp.abs, ('norm',), ('scale',), with_grads=False)
 
 
 @register('bn_taylor')
@@ -495,8 +416,7 @@ def bn_taylor(ctx: ScoreContext) -> Scores:
   """Reference id 31: ``(gamma g_gamma + beta g_beta)^2``; several BatchNorms of one group are
   summed inside the square (group form)."""
   _require_slices(ctx, ('norm',), ('scale', 'bias'), 'bn_taylor')
-  s = per_unit_sum(ctx.groups, (_params_tree(ctx.params), _params_tree(ctx.param_grads())),
-                   lambda w, g: w * g, roles=('norm',), leaves=('scale', 'bias'))
+  s = _param_sum(ctx, lambda w, g: w * g, ('norm',), ('scale', 'bias'))
   return {k: jnp.square(v) for k, v in s.items()}
 
 
@@ -504,8 +424,7 @@ def bn_taylor(ctx: ScoreContext) -> Scores:
 def bn_scale_grad(ctx: ScoreContext) -> Scores:
   """The seed notes' idea: ``|gamma dL/dgamma|`` (several BatchNorms of a group: ``|sum|``)."""
   _require_slices(ctx, ('norm',), ('scale',), 'bn_scale_grad')
-  s = per_unit_sum(ctx.groups, (_params_tree(ctx.params), _params_tree(ctx.param_grads())),
-                   lambda w, g: w * g, roles=('norm',), leaves=('scale',))
+  s = _param_sum(ctx, lambda w, g: w * g, ('norm',), ('scale',))
   return {k: jnp.abs(v) for k, v in s.items()}
 
 

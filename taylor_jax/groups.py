@@ -47,11 +47,19 @@ class Slice:
   offset: int = 0
   repeat: int = 1
 
+  def unit_view(self, x: Any, width: int) -> Any:
+    """The group's part of ``x`` (numpy or jax; its FIRST axis is the slice's axis), as
+    ``(repeat, width, *x.shape[1:])``: entry ``[r, u]`` is ``x[r * (len(x) // repeat) + offset
+    + u]``, unit ``u`` at flattened position ``r``. The one place that knows the layout
+    (:meth:`positions` is this view of the positions)."""
+    return x.reshape((self.repeat, -1) + tuple(x.shape[1:]))[:, self.offset:self.offset + width]
+
   def positions(self, units: np.ndarray, axis_len: int) -> np.ndarray:
-    """Positions along ``axis`` (length ``axis_len``) that hold the given units of the group."""
+    """Positions along ``axis`` (length ``axis_len``) that hold the given units of the group,
+    position-major (all units at flattened position 0, then at 1, ...)."""
     units = np.asarray(units, dtype=np.int64)
-    stride = axis_len // self.repeat
-    return (np.arange(self.repeat)[:, None] * stride + self.offset + units[None, :]).reshape(-1)
+    width = int(units.max()) + 1 if units.size else 0
+    return self.unit_view(np.arange(axis_len, dtype=np.int64), width)[:, units].reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +77,7 @@ class ChannelGroup:
     gate_after_norm: the gate multiplies the output of the group's one BatchNorm directly
       (``z * (gamma * xhat + beta)``), so at a live unit (``z = 1``)
       ``dL/dz = gamma * dL/dgamma + beta * dL/dbeta`` and the train step gets the gate gradient
-      from the BN gradients it computes anyway (:func:`taylor_jax.estimators.gate_grads_from_norm`).
+      from the BN gradients it computes anyway (:func:`taylor_jax.masking.gate_grads_from_norm`).
     reason: why the group is not prunable (empty when it is), for reports.
     marked: non-empty when a normalisation or reduction runs over the group's own channels
       (LayerNorm, GroupNorm, a mean over features): zeroing a unit there is not the same as

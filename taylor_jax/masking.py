@@ -12,12 +12,17 @@ residual stream it scales the whole stream once (every producer by ``z``; ReLU i
 homogeneous), which is NOT the reference's shared skip gate that multiplies the stream again
 after every block. At ``z = 1`` the gate gradient comes from the parameter gradients the step
 already has (:func:`gate_grads_from_params`):
-``dL/dz = sum over gate-site slices of (p * dL/dp)``, summed over the unit's positions.
+``dL/dz = sum over gate-site slices of (p * dL/dp)``, summed over the unit's positions
+(:func:`gate_grads_from_norm`: the same from the BatchNorm gradients of a gate right after a BN).
+
+Every reduction of a parameter-shaped array or tree to one value per unit lives here:
+:func:`per_unit` (one slice) and :func:`per_unit_sum` (a function of one or more trees over the
+groups' slices of chosen roles, what the weight criteria of :mod:`taylor_jax.estimators` use).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,9 +119,72 @@ def gate_grads_from_params(groups: Sequence[ChannelGroup], params: Any, grads: A
 
 def per_unit(x: jax.Array, s: Slice, width: int) -> jax.Array:
   """Sum of ``x`` (shaped like the array of slice ``s``) over everything but the slice's units:
-  ``(width,)``."""
+  ``(width,)`` (a unit's positions along a flattened axis summed, :meth:`Slice.unit_view`)."""
   axis = s.axis % x.ndim
-  x = jnp.moveaxis(x, axis, -1)
-  x = x.reshape(-1, x.shape[-1]).sum(0)                     # (axis_len,)
-  x = x.reshape(s.repeat, -1)[:, s.offset:s.offset + width]  # (repeat, width)
-  return x.sum(0)
+  x = jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != axis))  # (axis_len,)
+  return s.unit_view(x, width).sum(0)
+
+
+# --- per-unit reduction of variable-shaped trees ----------------------------------------------
+
+PRODUCER_ROLES = ('out',)
+ALL_ROLES = ('out', 'norm', 'in')
+
+
+def per_unit_sum(groups: Sequence[ChannelGroup], tree: Any,
+                 fn: Optional[Callable[..., jax.Array]] = None,
+                 roles: Sequence[str] = PRODUCER_ROLES,
+                 leaves: Optional[Sequence[str]] = None,
+                 prefix: Path = ()) -> dict[str, jax.Array]:
+  """Sums an elementwise function of variable-shaped trees into one number per unit.
+
+  For every group and every slice of it whose role is in ``roles`` (and whose last path element
+  is in ``leaves``, when given), ``fn`` is applied elementwise to the slice's array(s) and the
+  result is reduced to the group's units by :func:`per_unit` (summed over every axis except the
+  slice axis, a unit's ``repeat`` flattened positions summed). The per-slice results are added up.
+
+  Args:
+    groups: the channel groups.
+    tree: a variables-like tree (collection first: ``{'params': ...}``), or the part of it under
+      ``prefix`` (e.g. ``params`` with ``prefix=('params',)``), or a tuple of such trees with
+      the same structure (e.g. ``(params, grads)``); slices outside ``prefix``, and slices whose
+      first path element under ``prefix`` is absent from the (first) tree, are skipped (e.g.
+      the BatchNorm ``batch_stats`` slices of a gradient tree).
+    fn: ``fn(*arrays) -> array`` (elementwise, same shape); default identity on one tree.
+    roles: slice roles to include (``'out'`` producer, ``'norm'`` BatchNorm, ``'in'`` consumer).
+    leaves: if given, only slices whose array name (``path[-1]``) is one of these.
+    prefix: the path of ``tree`` inside the variables.
+
+  Returns:
+    group name -> ``(width,)``; groups without a matching slice get zeros.
+  """
+  trees = tree if isinstance(tree, tuple) else (tree,)
+  if fn is None:
+    fn = lambda x: x
+  out = {}
+  for g in groups:
+    total = None
+    for s in g.slices:
+      if s.role not in roles or (leaves is not None and s.path[-1] not in leaves):
+        continue
+      rel = s.path[len(prefix):]
+      if s.path[:len(prefix)] != prefix or rel[0] not in trees[0]:
+        continue
+      red = per_unit(fn(*[get_path(t, rel) for t in trees]), s, g.width)
+      total = red if total is None else total + red
+    out[g.name] = jnp.zeros((g.width,), jnp.float32) if total is None else total
+  return out
+
+
+def gate_grads_from_norm(groups: Sequence[ChannelGroup], params: Any,
+                         param_grads: Any) -> dict[str, jax.Array]:
+  """``dL/dz`` of every ``gate_after_norm`` group from its BatchNorm's gradients.
+
+  ``z * (gamma * xhat + beta)`` gives ``dL/dz = sum_{b,h,w} dL/dy (gamma xhat + beta) =
+  gamma dL/dgamma + beta dL/dbeta`` where ``z = 1`` (the BN gradients carry a factor ``z``, so
+  pruned units get 0 here instead of their gate gradient; scores of pruned units are zeroed
+  anyway). Costs a few ``(width,)`` products instead of a reduction over the activations.
+  """
+  after_norm = [g for g in groups if g.gate_after_norm]
+  return per_unit_sum(after_norm, (params, param_grads), lambda w, g: w * g, roles=('norm',),
+                      leaves=('scale', 'bias'), prefix=('params',))

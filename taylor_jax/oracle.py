@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from taylor_jax.estimators import cross_entropy
+from taylor_jax.losses import cross_entropy
 
 Scores = dict[str, np.ndarray]
 

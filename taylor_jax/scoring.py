@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from taylor_jax import estimators, oracle
+from taylor_jax import estimators, losses, oracle
 from taylor_jax.data import input_pipeline
 
 Scores = dict[str, np.ndarray]
@@ -160,7 +160,7 @@ def _eval_fn(key: _Key):
 
   def fn(variables, masks, batch):
     logits = model.apply(variables, batch['image'], gates=masks, train=False)
-    loss = jnp.sum(estimators.cross_entropy(logits, batch['label']))
+    loss = jnp.sum(losses.cross_entropy(logits, batch['label']))
     correct = jnp.sum(jnp.argmax(logits, -1) == batch['label'])
     return loss, correct
   return jax.jit(fn)

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from taylor_jax import estimators as est_lib
+from taylor_jax import losses, masking
 
 DATA_AXIS = 'data'
 
@@ -159,7 +160,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
     ctx = est_lib.ScoreContext(sync_model, groups, state.params, state.batch_stats, state.masks,
                                batch, train=True, axis_name=DATA_AXIS, step=state.step)
 
-    # Gates right after a BN get dL/dz from the BN gradients (estimators.gate_grads_from_norm);
+    # Gates right after a BN get dL/dz from the BN gradients (masking.gate_grads_from_norm);
     # only the others are differentiated, which saves a reduction over their activations.
     fixed_gates = {k: v for k, v in state.masks.items() if k in after_norm}
     diff_gates = {k: v for k, v in state.masks.items() if k not in after_norm}
@@ -168,13 +169,13 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
       logits, updates = sync_model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
           gates={**fixed_gates, **diff_gates}, train=True, mutable=['batch_stats'])
-      loss = jnp.mean(est_lib.cross_entropy(logits, batch['label']))
+      loss = jnp.mean(losses.cross_entropy(logits, batch['label']))
       return loss, (logits, updates['batch_stats'])
 
     (loss, (logits, batch_stats)), (grads, gate_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, diff_gates)
     grads, gate_grads, batch_stats = jax.lax.pmean((grads, gate_grads, batch_stats), DATA_AXIS)
-    gate_grads = {**gate_grads, **est_lib.gate_grads_from_norm(groups, state.params, grads)}
+    gate_grads = {**gate_grads, **masking.gate_grads_from_norm(groups, state.params, grads)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -211,7 +212,7 @@ def make_eval_step(model, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
                          gates=masks, train=False)
     w = batch['weight']
-    sums = {'loss': jnp.sum(est_lib.cross_entropy(logits, batch['label'], w)),
+    sums = {'loss': jnp.sum(losses.cross_entropy(logits, batch['label'], w)),
             'top1': jnp.sum(_top_k_correct(logits, batch['label'], 1) * w),
             'top5': jnp.sum(_top_k_correct(logits, batch['label'], 5) * w),
             'count': jnp.sum(w)}

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from taylor_jax import engine, models, surgery, train
+from taylor_jax import engine, models, projection, surgery, train
 from taylor_jax.methods import cascaded_projection as cap
 from taylor_jax.models import common
 
@@ -77,14 +77,14 @@ def test_fold_norm_by_hand():
   y = rng.normal(size=(1000, c)) @ rng.normal(size=(c, c)) + mean
   u = (y - mean) * scale / np.sqrt(var + eps) + bias
   for cov in (None, np.cov(u.T, bias=True)):
-    a, new = jax.device_get(surgery.fold_norm(m, scale, bias, mean, var, cov, eps))
+    a, new = jax.device_get(projection.fold_norm(m, scale, bias, mean, var, cov, eps))
     got = (y @ a - new['mean']) * new['scale'] / np.sqrt(new['var'] + eps) + new['bias']
     assert max_diff(got, u @ m) < 1e-4
     np.testing.assert_allclose(new['mean'], mean @ a, rtol=1e-5)
     np.testing.assert_allclose(new['bias'], bias @ m, rtol=1e-5, atol=1e-6)
     if cov is not None:  # the running variance is the variance of the new producer outputs
       np.testing.assert_allclose(new['var'], np.var(y @ a, axis=0), rtol=1e-4)
-  assert common.BN_EPSILON == surgery.BN_EPSILON
+  assert common.BN_EPSILON == projection.BN_EPSILON
 
 
 def _random_masks(model, seed):
@@ -110,15 +110,15 @@ def test_zero_one_matrix_equals_index_surgery(name, shape):
   for g in cap.compressed_groups(model) or [g for g in groups if g.kind == 'channel']:
     sel[g.name] = surgery.GroupSelection(projection=sel[g.name].matrix(g.width).T)
   assert any(not s.is_index for s in sel.values())
-  got = surgery.shrink_variables(groups, variables, selections=sel)
+  got = projection.shrink_variables_projected(groups, variables, sel)
   jax.tree.map(np.testing.assert_array_equal, want, got)
 
 
 def test_index_selections_take_the_gather_path():
   model, variables = setup()
   masks = _random_masks(model, 4)
-  sels = surgery.axis_selections(model.groups(), variables,
-                                 selections=surgery.group_selections(masks))
+  sels = projection.projection_axis_selections(model.groups(), variables,
+                                               surgery.group_selections(masks))
   assert all(s.is_gather for v in sels.values() for _, s in v)
   want = surgery.shrink_variables(model.groups(), variables, masks)
   jax.tree.map(np.testing.assert_array_equal, want,
@@ -129,7 +129,7 @@ def test_matrix_refused_on_residual_stream():
   model, variables = setup()
   sel = {'stage1': surgery.GroupSelection(projection=np.eye(16, 8, dtype=np.float32))}
   with pytest.raises(ValueError, match='residual'):
-    surgery.shrink_variables(model.groups(), variables, selections=sel)
+    projection.shrink_variables_projected(model.groups(), variables, sel)
 
 
 def test_one_projected_block_by_hand():
@@ -141,7 +141,7 @@ def test_one_projected_block_by_hand():
   p = orthonormal(rng, 32, 12)
   sel = {'stage2.block0': surgery.GroupSelection(projection=p)}
   small = model.clone(widths=dict(model.widths, **{'stage2.block0': 12}))
-  small_vars = surgery.shrink_variables(model.groups(), variables, selections=sel)
+  small_vars = projection.shrink_variables_projected(model.groups(), variables, sel)
   paths = [('stage2_block0', 'bn1'), ('stage2_block0', 'conv2')]
   x = images()
   _, orig = cap.apply_capturing(model, variables, x, paths)
@@ -168,7 +168,7 @@ def test_shrink_train_state_with_matrix_resets_touched_state():
   p = orthonormal(rng, 16, 5)
   state = jax.device_get(state.replace(opt_state=opt_state, masks=masks))
   sel = {'stage1.block0': surgery.GroupSelection(projection=p)}
-  small, new = surgery.shrink_train_state(state, model, tx, selections=sel)
+  small, new = projection.shrink_train_state_projected(state, model, tx, sel)
   _, by_index = surgery.shrink_train_state(state, model, tx)  # every group by its mask
   assert small.widths['stage1.block0'] == 5
   trace = lambda s: s[1][0].trace
@@ -182,9 +182,9 @@ def test_shrink_train_state_with_matrix_resets_touched_state():
   np.testing.assert_array_equal(new.masks['stage1.block0'], np.ones(5))
   np.testing.assert_array_equal(new.masks['stage2.block0'], by_index.masks['stage2.block0'])
   # the mask of the projected group is folded into the matrix: diag(mask) P
-  want = surgery.shrink_variables(
+  want = projection.shrink_variables_projected(
       model.groups(), {'params': state.params, 'batch_stats': state.batch_stats},
-      selections={**surgery.group_selections(masks), 'stage1.block0': surgery.GroupSelection(
+      {**surgery.group_selections(masks), 'stage1.block0': surgery.GroupSelection(
           projection=masks['stage1.block0'][:, None] * p)})
   jax.tree.map(np.testing.assert_array_equal, want['params'], new.params)
 

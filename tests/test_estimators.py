@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from taylor_jax import estimators as E
-from taylor_jax import models, train
+from taylor_jax import losses, masking, models, train
 
 import helpers  # noqa: E402  (tests/ is on sys.path)
 
@@ -203,7 +203,7 @@ def test_so_weights_equals_explicit_hessian(x64):
   g, H = map(np.asarray, jax.jit(lambda v: (jax.grad(f)(v), jax.hessian(f)(v)))(flat))
   w = np.asarray(flat)
   t = unravel(jnp.asarray(g * w - 0.5 * w * (H @ w)))
-  want = explicit_per_unit(ctx.groups, ({'params': t},), lambda a: a, E.ALL_ROLES)
+  want = explicit_per_unit(ctx.groups, ({'params': t},), lambda a: a, masking.ALL_ROLES)
   scores = run('taylor_so', ctx, on='weights')
   for k in want:
     np.testing.assert_allclose(scores[k], want[k] ** 2, rtol=1e-8, atol=1e-20)
@@ -317,7 +317,7 @@ def test_activation_taylor_by_explicit_split(x64):
   for site in ('conv1', 'conv2', 'fc1', 'fc2'):
     prefix, suffix = _lenet_split(ctx.params, x, site)
     a = prefix(x)
-    g = jax.grad(lambda h: jnp.mean(E.cross_entropy(suffix(h), y)))(a)
+    g = jax.grad(lambda h: jnp.mean(losses.cross_entropy(suffix(h), y)))(a)
     want = np.mean(np.abs(np.asarray(a * g)).reshape(-1, a.shape[-1]), axis=0)
     np.testing.assert_allclose(got[site], want, rtol=1e-9, atol=1e-20)
     np.testing.assert_allclose(got_n[site], want / np.linalg.norm(want), rtol=1e-9)
@@ -395,7 +395,7 @@ def test_gate_grads_from_norm_equal_autodiff_at_live_units(x64, name, shape, wid
   ctx = E.ScoreContext(model, groups, v['params'], v['batch_stats'], masks,
                        {'image': x, 'label': jnp.arange(shape[0]) % 10}, train=True)
   gp, gz = jax.jit(jax.grad(ctx.loss, argnums=(0, 1)))(ctx.params, masks)
-  derived = E.gate_grads_from_norm(groups, ctx.params, gp)
+  derived = masking.gate_grads_from_norm(groups, ctx.params, gp)
   assert set(derived) == flagged
   for k in flagged:
     live = np.asarray(masks[k]) > 0

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from taylor_jax import discovery, estimators, masking, models
+from taylor_jax import discovery, estimators, losses, masking, models
 from taylor_jax.models import common
 
 
@@ -50,7 +50,7 @@ def test_masked_params_compute_what_zero_gates_compute(name, shape):
 
 def _loss(model, variables, x, labels, gates=None):
   logits, _ = model.apply(variables, x, gates=gates, train=True, mutable=['batch_stats'])
-  return jnp.mean(estimators.cross_entropy(logits, labels))
+  return jnp.mean(losses.cross_entropy(logits, labels))
 
 
 @pytest.mark.parametrize('name,shape', [('lenet3', (4, 28, 28, 1)), ('resnet8', (4, 28, 28, 1))])

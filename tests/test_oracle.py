@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from taylor_jax import estimators as E
-from taylor_jax import models, oracle
+from taylor_jax import losses, models, oracle
 
 TINY = {'stage1': 4, 'stage1.block0': 3, 'stage2': 5, 'stage2.block0': 4, 'stage3': 6,
         'stage3.block0': 3}
@@ -54,7 +53,7 @@ def explicit_loop(model, variables, masks, batches, train, squared):
     kw = {'mutable': ['batch_stats']} if train else {}
     out = model.apply(variables, b['image'], gates=m, train=train, **kw)
     logits = out[0] if train else out
-    return jnp.mean(E.cross_entropy(logits, b['label']))
+    return jnp.mean(losses.cross_entropy(logits, b['label']))
   loss = lambda m, b: float(loss_j(m, b))
   out = {}
   for g in model.groups():

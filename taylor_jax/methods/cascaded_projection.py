@@ -11,7 +11,7 @@ Where P sits (``placement``):
 
 * ``'pre'`` (default): P acts on the block's pre-activations ``u`` (bn1's output, where the gate
   sits): the trained network IS the compressed one, ``relu(u P)`` read by conv2 through ``P^T``;
-  it is built by the matrix surgery of :mod:`taylor_jax.surgery`
+  it is built by the matrix surgery of :mod:`taylor_jax.projection`
   (``GroupSelection(projection=P)``), differentiable in P. Exact: the compressed network (conv1'
   -> bn1' -> ReLU -> conv2', same architecture, width ``rank``) computes in eval mode exactly what
   was trained (bn1 is folded: bn1'(conv1'(x)) = u P for any P). Approximate: the ReLU acts on
@@ -60,8 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from taylor_jax import estimators, methods, models, surgery
-from taylor_jax.groups import ChannelGroup, Path
+from taylor_jax import losses, methods, models, projection, surgery
+from taylor_jax.groups import ChannelGroup, Path, get_path
 
 OPTIONS = {
     'placement': 'pre',  # 'pre': P on bn1's output (trained == deployed); 'post': on relu output
@@ -112,7 +112,7 @@ def compressed_groups(model) -> tuple[ChannelGroup, ...]:
     if g.kind != 'channel' or not g.prunable:
       continue
     try:
-      surgery._check_matrix_group(g, surgery.GroupSelection(projection=np.zeros((g.width, 1))))
+      projection._check_matrix_group(g, surgery.GroupSelection(projection=np.zeros((g.width, 1))))
     except ValueError:
       continue
     out.append(g)
@@ -259,8 +259,8 @@ def consumer_energy(g: ChannelGroup, variables: Mapping[str, Any]) -> np.ndarray
   for s in g.slices:
     if s.role != 'in':
       continue
-    k = np.moveaxis(np.asarray(surgery.get_path(variables, s.path), np.float64), s.axis, 0)
-    k = k.reshape((s.repeat, k.shape[0] // s.repeat, -1))[:, s.offset:s.offset + g.width]
+    k = np.moveaxis(np.asarray(get_path(variables, s.path), np.float64), s.axis, 0)
+    k = s.unit_view(k.reshape(k.shape[0], -1), g.width)  # (repeat, width, rest)
     out += np.sum(k ** 2, axis=(0, 2))
   return out
 
@@ -299,7 +299,7 @@ def projected_variables(groups: Sequence[ChannelGroup], variables: Mapping[str, 
   """Variables of the compressed network (``'pre'``): the matrix surgery with ``P``."""
   covs = covs or {}
   sel = {k: surgery.GroupSelection(projection=p, cov=covs.get(k)) for k, p in projections.items()}
-  return surgery.shrink_variables(groups, variables, selections=sel)
+  return projection.shrink_variables_projected(groups, variables, sel)
 
 
 def lifted_variables(groups: Sequence[ChannelGroup], variables: Mapping[str, Any],
@@ -314,7 +314,7 @@ def lifted_variables(groups: Sequence[ChannelGroup], variables: Mapping[str, Any
         continue
       if s.offset or s.repeat != 1:
         raise ValueError(f'group {k!r}: a consumer reads it from part of an axis ({s.path})')
-      shape = np.shape(surgery.get_path(variables, s.path))
+      shape = np.shape(get_path(variables, s.path))
       sels.setdefault(s.path, []).append(
           (s.axis % len(shape), surgery.AxisSelection(matrix=_outer(p))))
   return surgery.apply_selections(variables, {k: tuple(v) for k, v in sels.items()})
@@ -349,7 +349,7 @@ def cap_loss(model, small, groups, placement: str, recon_weight: float, params, 
   else:
     logits, feats = apply_capturing(model, lifted_variables(groups, variables, projections), x,
                                     list(t_feats))
-  ce = jnp.mean(estimators.cross_entropy(logits, labels))
+  ce = jnp.mean(losses.cross_entropy(logits, labels))
   rec = reconstruction_loss(feats, t_feats)
   return ce + recon_weight * rec, (ce, rec, logits)
 

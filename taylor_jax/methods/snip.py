@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from taylor_jax import estimators, methods
+from taylor_jax import estimators, masking, methods
 from taylor_jax.groups import ChannelGroup
 
 OPTIONS = {'criterion': 'weights', 'num_batches': 1}
@@ -56,8 +56,8 @@ def sensitivity(groups: Sequence[ChannelGroup], params: Any, grads: Any,
     s = {k: jnp.abs(masks[k] * gate_grads[k]) for k in gate_grads}
     total = sum(jnp.sum(v) for v in s.values())
   else:
-    s = estimators.per_unit_sum(groups, ({'params': params}, {'params': grads}),
-                                lambda w, g: jnp.abs(w * g), roles=estimators.ALL_ROLES)
+    s = masking.per_unit_sum(groups, (params, grads), lambda w, g: jnp.abs(w * g),
+                             roles=masking.ALL_ROLES, prefix=('params',))
     total = sum(jnp.sum(jnp.abs(w * g)) for w, g in
                 zip(jax.tree.leaves(params), jax.tree.leaves(grads)))
   return {k: v / total for k, v in s.items()}

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from taylor_jax import estimators, methods, models, train
+from taylor_jax import losses, methods, models, train
 from taylor_jax.groups import ChannelGroup, Path, get_path
 
 OPTIONS = {'epochs': 10.0, 'kl_weight': 1e-4, 'prior_sigma': 0.1, 'init_sigma': 0.05,
@@ -167,7 +167,7 @@ def make_step(model, groups, tx, post_tx, mesh, kl_weight: float, prior_sigma: f
       logits, upd = sync_model.apply(
           {'params': apply_saliency(groups, params, scale0, z), 'batch_stats': vs.batch_stats},
           batch['image'], train=True, mutable=['batch_stats'])
-      ce = jnp.mean(estimators.cross_entropy(logits, batch['label']))
+      ce = jnp.mean(losses.cross_entropy(logits, batch['label']))
       kl = total_kl(post, prior_sigma)
       return ce + kl_weight * kl, (ce, kl, logits, upd['batch_stats'])
 
