@@ -51,6 +51,35 @@ def _parse_flags(argv):
                'the files under configs/, e.g. --config=configs/default.py')
     cause = e.__cause__ or e
     sys.exit(f'FATAL: --config={path} cannot be loaded: {str(cause).splitlines()[0]}')
+  except (AttributeError, KeyError) as e:
+    sys.exit(f'FATAL: {_unknown_override(argv) or e}')
+
+
+def _unknown_override(argv) -> str:
+  """'--config.a.b=v: section a has no field b; its fields: ...' for the first override that
+  names no field of the config file (ml_collections says only ``AttributeError: 'b'``)."""
+  import runpy
+  import ml_collections
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+  path, _, arg = spec.partition(':')
+  try:
+    get_config = runpy.run_path(path)['get_config']
+    config = get_config(arg) if arg else get_config()
+  except Exception:  # noqa: BLE001 (the original error is reported instead)
+    return ''
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = '.'.join(parts[:i]) or 'the config'
+        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        return (f'--config.{key}: {where} has no field {part!r}' +
+                (f'; its fields: {", ".join(fields)}' if fields else ''))
+      node = node[part]
+  return ''
 
 
 def main(argv):

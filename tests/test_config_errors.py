@@ -1,6 +1,8 @@
 """Bad input gets a clear error before any data is read or anything is written."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +11,7 @@ from taylor_jax import configlib, run
 import helpers  # noqa: E402  (tests/ is on sys.path)
 
 _config = helpers.pruning_config
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -55,3 +58,16 @@ def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch):
   c.data_dir = str(tmp_path / 'empty_tfds')
   with pytest.raises((FileNotFoundError, ValueError), match='setup.sh|prepare|apt-get'):
     run.run(c, str(tmp_path / 'w'))
+
+
+def test_a_target_field_that_does_not_exist_is_named_with_the_real_ones(tmp_path):
+  workdir = tmp_path / 'w'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'taylor_jax.main', '--config=configs/default.py',
+       f'--workdir={workdir}', '--config.prune.target_latency=0.3'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert "--config.prune.target_latency: prune has no field 'target_latency'" in proc.stderr
+  assert 'target_flops_reduction' in proc.stderr and 'target_units' in proc.stderr
+  assert not workdir.exists()

@@ -45,7 +45,8 @@ def _npz(path, **arrays):
 
 def _tiny_config(dataset):
   c = configlib.base_config()
-  c.model, c.dataset = 'lenet3', dataset
+  # A user's model (plain Flax, not in the zoo) on a user's arrays.
+  c.model, c.dataset = 'taylor_jax.models.examples.concat_cnn:ConcatCNN', dataset
   c.train.epochs, c.train.batch_size, c.train.augment = 2.0, 32, False
   c.train.eval_batch_size, c.train.checkpoint_every_steps = 50, 1000
   c.optim.learning_rate = 0.05

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from taylor_jax import losses, methods, models, train
+from taylor_jax import engine, losses, methods, models, train
 from taylor_jax.groups import ChannelGroup, Path, get_path
 
 OPTIONS = {'epochs': 10.0, 'kl_weight': 1e-4, 'prior_sigma': 0.1, 'init_sigma': 0.05,
@@ -214,8 +214,7 @@ def threshold_masks(mu: Mapping[str, Any], sigma: Mapping[str, Any],
 
 
 def _has_target(c) -> bool:
-  return any(c.prune[k] is not None for k in ('target_flops_reduction', 'target_params_reduction',
-                                              'target_keep_share', 'target_units'))
+  return engine.Target.from_config(c.prune) is not None
 
 
 @methods.register('variational', options=OPTIONS, validate=_validate, needs_target=False)
