@@ -42,6 +42,11 @@ def _logits(name: str, variables, x_nchw: np.ndarray) -> np.ndarray:
   return np.asarray(jax.jit(model.apply)(variables, x_nchw.transpose(0, 2, 3, 1)))
 
 
+# The tests that use the module-scoped ``resnet18_sd`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker.
+SHARED = pytest.mark.xdist_group('convert_resnet18_sd')
+
+
 @pytest.fixture(scope='module')
 def resnet18_sd():
   return {k: v.numpy() for k, v in _torch_model('resnet18').state_dict().items()}
@@ -65,6 +70,7 @@ def test_converted_logits_match_torch(name):
     assert np.abs(_logits(name, v, x) - want).max() > 100 * TOL
 
 
+@SHARED
 def test_layouts_and_bn_statistics(resnet18_sd):
   v = convert.convert('resnet18', resnet18_sd)
   np.testing.assert_array_equal(v['params']['conv1']['kernel'],
@@ -77,6 +83,7 @@ def test_layouts_and_bn_statistics(resnet18_sd):
   assert set(v) == {'params', 'batch_stats'}
 
 
+@SHARED
 def test_pth_and_npz_files_and_prefixes(tmp_path, resnet18_sd):
   want = convert.convert('resnet18', resnet18_sd)
   pth = str(tmp_path / 'r18.pth')
@@ -98,6 +105,7 @@ def test_old_densenet_keys_are_renamed():
                      'features.denseblock1.denselayer1.conv2.weight', 'features.norm5.weight'}
 
 
+@SHARED
 def test_missing_key(resnet18_sd):
   sd = dict(resnet18_sd)
   del sd['layer3.1.bn1.running_mean']
@@ -106,6 +114,7 @@ def test_missing_key(resnet18_sd):
     convert.convert('resnet18', sd)
 
 
+@SHARED
 def test_unexpected_key(resnet18_sd):
   sd = dict(resnet18_sd, **{'head.weight': np.zeros((3, 3), np.float32)})
   want = r"unexpected key 'head\.weight' \(shape \(3, 3\)\)"
@@ -113,6 +122,7 @@ def test_unexpected_key(resnet18_sd):
     convert.convert('resnet18', sd)
 
 
+@SHARED
 def test_wrong_shape_names_key_shapes_and_classes(resnet18_sd):
   sd = dict(resnet18_sd, **{'fc.weight': np.zeros((10, 512), np.float32),
                             'fc.bias': np.zeros((10,), np.float32)})
@@ -124,6 +134,7 @@ def test_wrong_shape_names_key_shapes_and_classes(resnet18_sd):
   convert.convert('resnet18', sd, num_classes=10)  # fits once asked for 10 classes
 
 
+@SHARED
 def test_reduced_widths_are_named(resnet18_sd):
   """A state dict narrower in one group: the error names the group and both widths; with those
   widths given, it converts."""
@@ -142,6 +153,7 @@ def test_reduced_widths_are_named(resnet18_sd):
   assert v['params']['layer1_0']['conv2']['kernel'].shape == (3, 3, 40, 64)
 
 
+@SHARED
 def test_full_width_weights_for_reduced_widths(resnet18_sd):
   widths = dict(models.full_widths('resnet18'), layer4=256)
   with pytest.raises(convert.ConversionError) as e:
@@ -151,6 +163,7 @@ def test_full_width_weights_for_reduced_widths(resnet18_sd):
   assert 'torchvision weights are full-width models' in msg
 
 
+@SHARED
 def test_wrong_model_is_named(resnet18_sd):
   want = r"keys are those of zoo model\(s\) \['resnet18'\], not 'resnet34'"
   with pytest.raises(convert.ConversionError, match=want):

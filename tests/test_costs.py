@@ -205,21 +205,61 @@ def test_latency_positive(name):
     assert t['repeats'] == 3 and t['batch_size'] == 2
     for k in ('median', 'p10', 'p90', 'mean', 'min'):
       assert np.isfinite(t[k]) and t[k] > 0, (k, t)
-    assert t['p10'] <= t['median'] <= t['p90']
 
 
-def test_compare_latency_times_every_net_in_rounds():
-  small = models.create('resnet8', 10, widths={k: max(1, w // 2) for k, w in
-                                               models.full_widths('resnet8').items()})
-  big = models.create('resnet8', 10)
-  x = jnp.zeros((1, 28, 28, 1))
-  nets = {n: (m, jax.jit(m.init)(jax.random.key(0), x), None)
-          for n, m in (('small', small), ('big', big))}
+class _FakeClock:
+  """Stands in for ``time`` in costs: the k-th timed call lasts ``durations_ms[k]``."""
+
+  def __init__(self, durations_ms):
+    self.durations = list(durations_ms)
+    self.now, self.calls = 1000.0, 0
+
+  def perf_counter(self):
+    if self.calls % 2:  # the end of a timed call
+      self.now += self.durations[self.calls // 2] / 1e3
+    self.calls += 1
+    return self.now
+
+
+def test_latency_statistics_of_a_known_distribution(monkeypatch):
+  model, variables = variables_of('lenet3')
+  # 20 timed calls: 1..20 ms in a shuffled order (0.5 ms steps would do as well).
+  durations = np.random.default_rng(0).permutation(np.arange(1.0, 21.0))
+  clock = _FakeClock(durations)
+  monkeypatch.setattr(costs, 'time', clock)
+  t = costs.latency_ms(model, variables, None, batch_size=2, input_shape=(28, 28, 1),
+                       repeats=20, warmup=1)
+  assert clock.calls == 40  # warm-up calls are not timed
+  assert t['repeats'] == 20 and t['batch_size'] == 2
+  assert t['median'] == pytest.approx(10.5)
+  assert t['p10'] == pytest.approx(2.9) and t['p90'] == pytest.approx(18.1)  # numpy's linear
+  assert t['mean'] == pytest.approx(10.5) and t['min'] == pytest.approx(1.0)
+
+
+def test_compare_latency_times_every_net_in_rounds(monkeypatch):
+  # Two LeNet3s (what is timed does not matter here: the clock is fake; test_latency_positive
+  # times real networks).
+  big, big_vars = variables_of('lenet3')
+  small = big.clone(widths={k: max(1, w // 2) for k, w in big.widths.items()})
+  shapes = jax.eval_shape(small.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  nets = {'small': (small, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), None),
+          'big': (big, big_vars, None)}
+  # Order of the timed calls: round 0 (small x3, big x3), round 1 (small x3, big x3). small is
+  # least disturbed in round 1, big in round 0: each net's statistics come from its own best round.
+  rounds = {('small', 0): [5, 9, 7], ('big', 0): [20, 10, 12],
+            ('small', 1): [4, 1, 6], ('big', 1): [30, 31, 13]}
+  clock = _FakeClock([d for r in (0, 1) for n in ('small', 'big') for d in rounds[(n, r)]])
+  monkeypatch.setattr(costs, 'time', clock)
   out = costs.compare_latency(nets, 4, (28, 28, 1), repeats=3, rounds=2, warmup=1)
-  for name in nets:
-    r = out[name]
-    assert len(r['round_medians']) == 2 and r['repeats'] == 3
-    assert r['median'] == min(r['round_medians']) and r['min'] <= r['median'] <= r['p90']
+  assert clock.calls == 2 * 12
+  want = {'small': (1, [7.0, 4.0]), 'big': (0, [12.0, 30.0])}
+  for name, (best, medians) in want.items():
+    r, d = out[name], np.asarray(rounds[(name, best)], float)
+    assert r['round_medians'] == pytest.approx(medians) and r['repeats'] == 3
+    assert r['batch_size'] == 4
+    for k, v in (('median', np.median(d)), ('min', d.min()), ('mean', d.mean()),
+                 ('p10', np.percentile(d, 10)), ('p90', np.percentile(d, 90))):
+      assert r[k] == pytest.approx(v), (name, k)
 
 
 def test_latency_table_times_one_group_at_a_time():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -103,12 +104,38 @@ def test_start_step_resume_equals_skipping(fashion_mnist_data_dir):
     next(s.batches(0, start_step=s.steps_per_epoch + 1))
 
 
-def test_breaking_out_of_batches_early_is_fine(fashion_mnist_data_dir):
+def _prefetch_threads() -> set:
+  return {t for t in threading.enumerate() if t.name == 'taylor_jax-prefetch' and t.is_alive()}
+
+
+def _assert_stopped(threads, timeout=10.0) -> None:
+  for t in threads:
+    t.join(timeout)
+  assert not [t for t in threads if t.is_alive()], 'the prefetch thread still runs'
+
+
+def test_breaking_out_of_batches_early_stops_the_prefetch_thread(fashion_mnist_data_dir):
+  # 937 batches of 64 per epoch: a prefetch thread that were not told to stop would block on
+  # its full queue for the rest of the process instead of finishing.
   s = _split(fashion_mnist_data_dir)
+  before = _prefetch_threads()
   for i, _ in enumerate(s.batches(0)):
+    if i == 0:
+      started = _prefetch_threads() - before
+      assert len(started) == 1  # the iteration runs one prefetch thread...
     if i == 3:
       break
+  _assert_stopped(started)  # ...that has stopped once the consumer broke out of the loop
+  # The same with an explicit close() of a half-consumed iterator.
+  it = s.batches(1)
+  next(it)
+  started = _prefetch_threads() - before
+  assert len(started) == 1
+  it.close()
+  _assert_stopped(started)
+  # And the split still gives batches afterwards.
   assert len(list(zip(range(3), s.batches(0)))) == 3
+  _assert_stopped(_prefetch_threads() - before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Every test here uses the module-scoped ``single_device``: one pytest-xdist worker runs them all
+# (run_tests.sh: --dist loadgroup), so that it is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group('data_parallel_single_device')
+
+
 @pytest.fixture(scope='module')
 def single_device(tmp_path_factory):
   out = tmp_path_factory.mktemp('dp') / 'one.npz'

@@ -36,6 +36,11 @@ def _report(workdir):
     return json.load(f)
 
 
+# The tests that use the module-scoped ``uninterrupted`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker.
+SHARED = pytest.mark.xdist_group('main_job_uninterrupted')
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, fashion_mnist_data_dir):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
@@ -44,6 +49,7 @@ def uninterrupted(tmp_path_factory, fashion_mnist_data_dir):
   return workdir
 
 
+@SHARED
 def test_report_has_baseline_and_pruned(uninterrupted):
   rep = _report(uninterrupted)
   for key in ('baseline', 'pruned'):
@@ -56,6 +62,7 @@ def test_report_has_baseline_and_pruned(uninterrupted):
   assert os.path.exists(os.path.join(uninterrupted, 'pruning.png'))
 
 
+@SHARED
 def test_kill_and_resume_matches_uninterrupted(uninterrupted, tmp_path, fashion_mnist_data_dir):
   workdir = str(tmp_path / 'killed')
   proc = _main(workdir, f'--config.data_dir={fashion_mnist_data_dir}', wait=False)
@@ -80,6 +87,7 @@ def test_kill_and_resume_matches_uninterrupted(uninterrupted, tmp_path, fashion_
   assert [h['units_kept'] for h in a['history']] == [h['units_kept'] for h in b['history']]
 
 
+@SHARED
 def test_evaluate_mode_restores_pruned_model_in_fresh_process(uninterrupted,
                                                               fashion_mnist_data_dir):
   proc = subprocess.run(
@@ -96,6 +104,7 @@ def test_evaluate_mode_restores_pruned_model_in_fresh_process(uninterrupted,
   assert f"params={rep['pruned']['params']:,}" in line
 
 
+@SHARED
 def test_incompatible_checkpoint_is_refused_and_kept(uninterrupted, fashion_mnist_data_dir):
   ckpt = os.path.join(uninterrupted, 'checkpoints')
   before = sorted(os.listdir(ckpt))

@@ -5,9 +5,12 @@ steps), from their configs/fashion_mnist_resnet20_*.py: config -> main job (run.
 
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from taylor_jax import configlib, models, run
+from taylor_jax.data import input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,13 +37,35 @@ def config_from(path, data_dir, **overrides):
   return c
 
 
-def check_report(result, target):
+def recomputed_accuracy(workdir, data_dir, n=TINY['train.limit_eval_examples']):
+  """Top-1 accuracy of the model saved in ``workdir`` on the first ``n`` test examples,
+  recomputed with a plain forward pass and numpy (not the job's eval step), and its widths."""
+  model, state, meta = run.restore(workdir)
+  split = input_pipeline.create_split(
+      'fashion_mnist', 'test', batch_size=n, train=False, seed=0, data_dir=data_dir, limit=n,
+      mean=meta.get('data_mean'), std=meta.get('data_std'), process_index=0, process_count=1)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  correct = total = 0
+  for batch in split.batches(0):
+    real = batch['weight'] > 0
+    pred = np.argmax(np.asarray(forward(variables, batch['image'])), axis=-1)
+    correct += int(np.sum(pred[real] == batch['label'][real]))
+    total += int(real.sum())
+  assert total == n
+  return correct / total, meta['widths']
+
+
+def check_report(result, target, workdir, data_dir):
   b, p = result['baseline'], result['pruned']
   assert p['flops'] <= (1 - target) * b['flops']
   assert p['params'] < b['params']
   assert sum(p['widths'].values()) < sum(models.full_widths('resnet8').values())
   assert len(result['history']) >= 1
-  assert 0.0 <= p['test_accuracy'] <= 1.0
+  # The reported accuracy is the saved pruned network's, on the eval examples.
+  accuracy, widths = recomputed_accuracy(workdir, data_dir)
+  assert widths == p['widths']
+  assert p['test_accuracy'] == pytest.approx(accuracy, abs=1e-6)
 
 
 @pytest.mark.parametrize('method, overrides', [
@@ -53,7 +78,7 @@ def check_report(result, target):
 def test_method_runs_to_a_smaller_network(tmp_path, fashion_mnist_data_dir, method, overrides):
   c = config_from(f'configs/fashion_mnist_resnet20_{method}.py', fashion_mnist_data_dir, **overrides)
   result = run.run(c, str(tmp_path))
-  check_report(result, 0.3)
+  check_report(result, 0.3, str(tmp_path), fashion_mnist_data_dir)
   assert os.path.exists(tmp_path / 'report.md')
   if method == 'bn_scale_grad':
     assert result['config']['prune']['estimator'] == 'bn_scale_grad'

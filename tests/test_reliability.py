@@ -48,6 +48,11 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+# The tests that use the module-scoped ``finished`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker.
+SHARED = pytest.mark.xdist_group('reliability_finished')
+
+
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory, fashion_mnist_data_dir):
   """A finished baseline-only run; its checkpoints are steps 2 and 4."""
@@ -82,6 +87,7 @@ def _damage(workdir, step, item):
 
 # --- 1. damaged checkpoints ---------------------------------------------------------------------
 
+@SHARED
 @pytest.mark.parametrize('item', ['state', 'meta'])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     finished, tmp_path, fashion_mnist_data_dir, caplog, item):
@@ -97,6 +103,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_pre
     assert result['baseline'][key] == finished[1]['baseline'][key], key
 
 
+@SHARED
 def test_no_restorable_checkpoint_lists_each_and_moves_nothing(finished, tmp_path,
                                                                fashion_mnist_data_dir):
   workdir = _copy(finished, tmp_path)
@@ -125,6 +132,7 @@ def _fingerprint(workdir):
     ({'optim.learning_rate': 0.2}, 'optim.learning_rate: 0.1 saved, 0.2 now'),
     (_pruning(), 'prune.enabled: False saved, True now'),
 ])
+@SHARED
 def test_resume_with_a_result_changing_field_is_refused(finished, tmp_path,
                                                         fashion_mnist_data_dir, overrides, field):
   workdir = _copy(finished, tmp_path)
@@ -135,6 +143,7 @@ def test_resume_with_a_result_changing_field_is_refused(finished, tmp_path,
   assert _fingerprint(workdir) == before
 
 
+@SHARED
 def test_resume_with_neutral_changes_goes_on_and_allowed_changes_are_recorded(
     finished, tmp_path, fashion_mnist_data_dir):
   workdir = _copy(finished, tmp_path)

@@ -58,6 +58,11 @@ def _tiny_config(dataset):
   return c
 
 
+# The tests that use the module-scoped ``npz_run`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker.
+SHARED = pytest.mark.xdist_group('user_data_npz_run')
+
+
 @pytest.fixture(scope='module')
 def npz_run(tmp_path_factory):
   d = tmp_path_factory.mktemp('user_npz')
@@ -69,6 +74,7 @@ def npz_run(tmp_path_factory):
   return workdir, result, xt, path
 
 
+@SHARED
 def test_npz_runs_the_main_job_and_learns(npz_run):
   workdir, result, _, _ = npz_run
   with open(os.path.join(workdir, 'report.json')) as f:
@@ -78,6 +84,7 @@ def test_npz_runs_the_main_job_and_learns(npz_run):
   assert rep['pruned']['flops'] < rep['baseline']['flops'] and len(rep['history']) == 1
 
 
+@SHARED
 def test_saved_normalisation_is_the_training_images_statistics(npz_run):
   workdir, _, xt, _ = npz_run
   _, _, meta = run.restore(workdir)
@@ -87,6 +94,7 @@ def test_saved_normalisation_is_the_training_images_statistics(npz_run):
   assert meta['num_classes'] == 4 and meta['input_shape'] == [16, 16, 1]
 
 
+@SHARED
 def test_evaluate_in_a_fresh_process_gives_the_reports_accuracy(npz_run):
   workdir, result, _, path = npz_run
   # Other training images now: their statistics differ, so only the saved ones reproduce the

@@ -11,7 +11,7 @@ def test_variational_with_a_flops_target(tmp_path, fashion_mnist_data_dir):
   c = config_from('configs/fashion_mnist_resnet20_variational.py', fashion_mnist_data_dir,
                   **{'prune.variational.epochs': 1.0})
   result = run.run(c, str(tmp_path))
-  check_report(result, 0.3)
+  check_report(result, 0.3, str(tmp_path), fashion_mnist_data_dir)
   assert result['method']['name'] == 'variational'
   # The variational network trained from step 0 for one epoch (4 steps), then fine-tuning.
   assert result['history'][0]['step'] == 4
