@@ -249,9 +249,13 @@ def test_width_grid_lists_the_reachable_widths():
   assert engine.width_grid(64, engine.Constraints(), max_points=4) == [1, 22, 43, 64]
 
 
-def _job(model):
+def _job(model, rank_by, latency_table=None):
   from types import SimpleNamespace
-  return SimpleNamespace(model=model, input_shape=(28, 28, 1), groups=model.groups())
+  from taylor_jax import run
+  import helpers
+  return SimpleNamespace(model=model, input_shape=(28, 28, 1), groups=model.groups(),
+                         config=helpers.pruning_config(**{'prune.rank_by': rank_by}),
+                         record=run.RunRecord(latency_table=latency_table))
 
 
 def test_run_unit_cost_per_flop_is_the_flops_one_unit_saves():
@@ -259,8 +263,7 @@ def test_run_unit_cost_per_flop_is_the_flops_one_unit_saves():
   import helpers
   model = models.create('resnet8', 10)
   masks = helpers.random_masks(model, 3, keep_prob=0.7)
-  cost = run._unit_cost(helpers.pruning_config(**{'prune.rank_by': 'score_per_flop'}),
-                        _job(model), masks, {})
+  cost = run._unit_cost(_job(model, 'score_per_flop'), masks)
   base = costs.flops(model, (28, 28, 1), masks)
   for g in model.groups():
     alive = np.flatnonzero(masks[g.name])
@@ -275,10 +278,8 @@ def test_run_unit_cost_per_latency_reads_the_table_and_floors_it():
   from taylor_jax import run
   import helpers
   model = models.create('resnet8', 10)
-  extra = {'latency_table': {'stage3': {'16': 4.0, '32': 6.0, '64': 10.0},
-                             'stage1': {'8': 9.0, '16': 10.0}}}
-  cost = run._unit_cost(helpers.pruning_config(**{'prune.rank_by': 'score_per_latency'}),
-                        _job(model), None, extra)
+  table = {'stage3': {'16': 4.0, '32': 6.0, '64': 10.0}, 'stage1': {'8': 9.0, '16': 10.0}}
+  cost = run._unit_cost(_job(model, 'score_per_latency', table), None)
   assert cost('stage3', 64, 8) == pytest.approx(10.0 - 9.0)  # 56 interpolates to 9.0
   assert cost('stage3', 24, 8) == pytest.approx(5.0 - 4.0)
   assert cost('stage1', 16, 8) == pytest.approx(1.0)
