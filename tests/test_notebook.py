@@ -7,14 +7,17 @@ import re
 import sys
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'new_estimator.ipynb')
+PRUNE_OWN = os.path.join(ROOT, 'notebooks', 'prune_your_own_model.ipynb')
 
 
-def test_notebook_is_stored_without_outputs():
-  nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize('path', [NOTEBOOK, PRUNE_OWN])
+def test_notebook_is_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
   for cell in nb.cells:
     if cell.cell_type == 'code':
       assert not cell.outputs and cell.execution_count is None
@@ -34,16 +37,6 @@ def test_new_estimator_notebook_runs(fashion_mnist_data_dir, monkeypatch):
   images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
             if 'image/png' in o.get('data', {})]
   assert len(images) == 2
-
-
-PRUNE_OWN = os.path.join(ROOT, 'notebooks', 'prune_your_own_model.ipynb')
-
-
-def test_prune_your_own_model_notebook_stored_without_outputs():
-  nb = nbformat.read(PRUNE_OWN, as_version=4)
-  for cell in nb.cells:
-    if cell.cell_type == 'code':
-      assert not cell.outputs and cell.execution_count is None
 
 
 def test_prune_your_own_model_notebook_reaches_its_target(fashion_mnist_data_dir, monkeypatch):
