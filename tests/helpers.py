@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from taylor_jax import configlib
@@ -33,3 +35,8 @@ def pruning_config(**overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def xla_flags(*flags: str) -> str:
+  """The suite's ``XLA_FLAGS`` (conftest.py) with ``flags`` added, for a subprocess's env."""
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()

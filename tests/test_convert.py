@@ -42,12 +42,13 @@ def _logits(name: str, variables, x_nchw: np.ndarray) -> np.ndarray:
   return np.asarray(jax.jit(model.apply)(variables, x_nchw.transpose(0, 2, 3, 1)))
 
 
-# The tests that use the module-scoped ``resnet18_sd`` run on one pytest-xdist worker (run_tests.sh:
-# --dist loadgroup), so that it is built once, not once per worker.
+# The tests that use the session-scoped ``resnet18_sd`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 SHARED = pytest.mark.xdist_group('convert_resnet18_sd')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def resnet18_sd():
   return {k: v.numpy() for k, v in _torch_model('resnet18').state_dict().items()}
 

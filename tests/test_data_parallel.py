@@ -9,13 +9,15 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'workers', 'train_steps.py')
 
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = helpers.xla_flags(f'--xla_force_host_platform_device_count={devices}')
   return env
 
 
@@ -25,12 +27,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-# Every test here uses the module-scoped ``single_device``: one pytest-xdist worker runs them all
-# (run_tests.sh: --dist loadgroup), so that it is built once, not once per worker.
+# Every test here uses the session-scoped ``single_device``: one pytest-xdist worker runs them all
+# (run_tests.sh: --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 pytestmark = pytest.mark.xdist_group('data_parallel_single_device')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def single_device(tmp_path_factory):
   out = tmp_path_factory.mktemp('dp') / 'one.npz'
   subprocess.run([sys.executable, WORKER, str(out)], env=_env(1), check=True, cwd=ROOT,

@@ -56,14 +56,15 @@ def worker(out_path: str, ndev: int) -> None:
 
 
 def test_two_devices_equal_one(tmp_path):
+  import helpers
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = helpers.xla_flags()
   procs, paths = [], {}
   for ndev in (1, 2):
     paths[ndev] = str(tmp_path / f'dev{ndev}.npz')
     e = dict(env)
     if ndev > 1:
-      e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={ndev}'
+      e['XLA_FLAGS'] = helpers.xla_flags(f'--xla_force_host_platform_device_count={ndev}')
     procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), paths[ndev],
                                    str(ndev)], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

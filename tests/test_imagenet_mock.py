@@ -102,12 +102,13 @@ def _config(data_dir: str, pth: str):
   return c
 
 
-# Every test here uses the module-scoped ``mock_run``: one pytest-xdist worker runs them all
-# (run_tests.sh: --dist loadgroup), so that it is built once, not once per worker.
+# Every test here uses the session-scoped ``mock_run``: one pytest-xdist worker runs them all
+# (run_tests.sh: --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 pytestmark = pytest.mark.xdist_group('imagenet_mock_run')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def mock_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('imagenet_mock')
   data_dir, workdir = str(tmp / 'tfds'), str(tmp / 'run')

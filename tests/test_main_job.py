@@ -36,12 +36,13 @@ def _report(workdir):
     return json.load(f)
 
 
-# The tests that use the module-scoped ``uninterrupted`` run on one pytest-xdist worker (run_tests.sh:
-# --dist loadgroup), so that it is built once, not once per worker.
+# The tests that use the session-scoped ``uninterrupted`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 SHARED = pytest.mark.xdist_group('main_job_uninterrupted')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def uninterrupted(tmp_path_factory, fashion_mnist_data_dir):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
   proc = _main(workdir, f'--config.data_dir={fashion_mnist_data_dir}')

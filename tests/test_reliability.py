@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
+
 from taylor_jax import checkpoint, configlib, convert, estimators, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,12 +50,13 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-# The tests that use the module-scoped ``finished`` run on one pytest-xdist worker (run_tests.sh:
-# --dist loadgroup), so that it is built once, not once per worker.
+# The tests that use the session-scoped ``finished`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 SHARED = pytest.mark.xdist_group('reliability_finished')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def finished(tmp_path_factory, fashion_mnist_data_dir):
   """A finished baseline-only run; its checkpoints are steps 2 and 4."""
   workdir = str(tmp_path_factory.mktemp('finished'))
@@ -213,7 +216,7 @@ def test_nan_scores_stop_the_run_at_the_pruning_step(tmp_path, fashion_mnist_dat
 def test_batch_sizes_the_devices_do_not_divide_are_refused_up_front(tmp_path, flag, message,
                                                                     fashion_mnist_data_dir):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=helpers.xla_flags('--xla_force_host_platform_device_count=2'))
   workdir = tmp_path / 'w'
   proc = subprocess.run(
       [sys.executable, '-m', 'taylor_jax.main', f'--workdir={workdir}',

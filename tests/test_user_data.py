@@ -58,12 +58,13 @@ def _tiny_config(dataset):
   return c
 
 
-# The tests that use the module-scoped ``npz_run`` run on one pytest-xdist worker (run_tests.sh:
-# --dist loadgroup), so that it is built once, not once per worker.
+# The tests that use the session-scoped ``npz_run`` run on one pytest-xdist worker (run_tests.sh:
+# --dist loadgroup), so that it is built once, not once per worker (session scope:
+# not torn down and rebuilt when the worker runs another module's test in between).
 SHARED = pytest.mark.xdist_group('user_data_npz_run')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def npz_run(tmp_path_factory):
   d = tmp_path_factory.mktemp('user_npz')
   (xt, yt), (xe, ye) = quadrants(512, 0), quadrants(200, 1)
