@@ -405,12 +405,15 @@ class Pruner:
     return self.user_model
 
   def _shrink(self, groups, variables, opt_state, masks):
-    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    # on the host, in numpy: eager jax gathers would compile one program per array shape
+    variables = jax.device_get({'params': variables['params'],
+                                'batch_stats': variables.get('batch_stats', {})})
+    opt_state = jax.device_get(opt_state)
     sels = surgery.axis_selections(groups, variables, masks)
     new_vars = surgery.apply_selections(variables, sels)
     new_opt = (None if opt_state is None else
                surgery.shrink_opt_state(self.tx, opt_state, variables['params'], sels))
-    return new_vars, new_opt
+    return jax.device_put(new_vars), jax.device_put(new_opt)
 
   def summary(self) -> str:
     """The pruning history as a markdown table."""

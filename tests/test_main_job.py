@@ -13,13 +13,16 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SMALL = ['--config=configs/default.py', '--config.train.limit_examples=1536',
-         '--config.train.batch_size=64', '--config.train.epochs=2',
-         '--config.train.checkpoint_every_steps=7', '--config.train.log_every_steps=8',
+# Small enough for the suite, long enough for what the tests need: 4 pruning steps (the kill lands
+# after the second is saved, with two to go), checkpoints inside every phase.
+SMALL = ['--config=configs/default.py', '--config.train.limit_examples=1024',
+         '--config.train.batch_size=64', '--config.train.epochs=1',
+         '--config.train.checkpoint_every_steps=5', '--config.train.log_every_steps=4',
          '--config.train.limit_eval_examples=500', '--config.train.eval_batch_size=250',
-         '--config.prune.frequency=5', '--config.prune.prune_per_iteration=12',
-         '--config.prune.target_flops_reduction=0.3', '--config.prune.finetune_epochs=1',
-         '--config.prune.eval_examples=250', '--config.report.latency_repeats=2']
+         '--config.prune.frequency=3', '--config.prune.prune_per_iteration=12',
+         '--config.prune.target_flops_reduction=0.3', '--config.prune.finetune_epochs=0.5',
+         '--config.prune.eval_examples=250', '--config.report.latency_repeats=1',
+         '--config.report.latency_rounds=1']
 
 
 def _main(workdir, *extra, wait=True):
@@ -122,8 +125,8 @@ def test_latency_aware_ranking_measures_its_table_once_and_reaches_the_target(
   workdir = str(tmp_path / 'latency_aware')
   # Shorter than SMALL, and max_share 0.25 leaves 6 networks in the table (compiled one by one).
   proc = _main(workdir, f'--config.data_dir={fashion_mnist_data_dir}',
-               '--config.prune.rank_by=score_per_latency', '--config.report.latency_rounds=1',
-               '--config.train.epochs=1', '--config.prune.finetune_epochs=0.25',
+               '--config.prune.rank_by=score_per_latency', '--config.train.limit_examples=512',
+               '--config.prune.finetune_epochs=0.25', '--config.prune.eval_examples=0',
                '--config.prune.max_share=0.25', '--config.prune.target_flops_reduction=0.15')
   assert proc.returncode == 0, proc.stderr[-4000:]
   rep = _report(workdir)

@@ -149,7 +149,9 @@ class LinenModel(_Adapter):
                       _found=self.found, **self.options)
 
   def init(self, rng, x) -> dict[str, Any]:
-    variables = self.module.init(rng, jnp.asarray(x), **self._mode(False))
+    # jitted: eager init compiles every initializer op on its own
+    variables = jax.jit(functools.partial(self.module.init, **self._mode(False)))(
+        rng, jnp.asarray(x))
     return self._slice_to_widths(jax.tree.map(lambda a: a, dict(variables)))
 
   def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False):
