@@ -4,6 +4,8 @@ matches, and the groups through a LayerNorm are marked."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,13 @@ HYP = settings(max_examples=2, deadline=None, derandomize=True,
 
 def _model(spec):
   return models.create(spec, 10, input_shape=(28, 28, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _masked_apply(spec):
+  """The full network's gated forward, jitted once per model for all hypothesis examples."""
+  model = _model(spec)
+  return jax.jit(lambda v, x, m: model.apply(v, x, gates=m))
 
 
 def _variables(model, seed=0):
@@ -59,7 +68,7 @@ def test_surgered_equals_masked_eval(spec, seed):
   variables = _variables(model)
   x = np.random.default_rng(1).standard_normal((4, 28, 28, 1)).astype(np.float32)
   masks = _random_masks(model, seed)
-  masked = jax.jit(lambda v, m: model.apply(v, x, gates=m))(variables, masks)
+  masked = _masked_apply(spec)(variables, x, masks)
   small = model.clone(widths=surgery.new_widths(model.widths, masks))
   out = jax.jit(lambda v: small.apply(v, x))(
       surgery.shrink_variables(model.groups(), variables, masks))

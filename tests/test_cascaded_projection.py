@@ -43,7 +43,13 @@ def randomise(variables, seed=0):
 @functools.lru_cache(maxsize=None)
 def setup(name='resnet8', shape=SHAPE):
   model = models.create(name, 10)
-  variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1,) + shape)))
+  # Kernels drawn with numpy (LeCun normal, as init draws them) at init's shapes: running
+  # model.init op by op compiles every initialiser (~10 s); randomise sets the rest.
+  rng = np.random.default_rng(0)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + shape))
+  variables = jax.tree.map(
+      lambda a: (rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(a.dtype),
+      abstract)
   return model, randomise(variables)
 
 
@@ -60,8 +66,14 @@ def max_diff(a, b):
   return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+def capturing(model, paths):
+  """``cap.apply_capturing`` jitted (op by op, every forward compiles each of its ops)."""
+  return jax.jit(lambda v, x: cap.apply_capturing(model, v, x, paths))
+
+
 def logits(model, variables, x):
-  return np.asarray(model.apply(variables, x, train=False))
+  # Jitted: an op-by-op forward compiles every op separately.
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
 # --- the surgery generalisation ---------------------------------------------------------------
@@ -144,8 +156,8 @@ def test_one_projected_block_by_hand():
   small_vars = projection.shrink_variables_projected(model.groups(), variables, sel)
   paths = [('stage2_block0', 'bn1'), ('stage2_block0', 'conv2')]
   x = images()
-  _, orig = cap.apply_capturing(model, variables, x, paths)
-  _, proj = cap.apply_capturing(small, small_vars, x, paths)
+  _, orig = capturing(model, paths)(variables, x)
+  _, proj = capturing(small, paths)(small_vars, x)
   u = np.asarray(orig[paths[0]])
   assert max_diff(proj[paths[0]], u @ p) < 1e-5 * max(1.0, np.abs(u).max())
   a = np.maximum(u @ p, 0) @ p.T
@@ -233,6 +245,9 @@ def test_projections_stay_orthonormal_and_loss_is_ce_plus_recon(placement):
   step = cap.make_step(model, small, model.groups(), placement, 0.7, tx, False)
   covs = {g.name: np.eye(g.width, dtype=np.float32) for g in groups}
   batch = {'image': images(8), 'label': np.arange(8, dtype=np.int32) % 10}
+  paths = sorted({p for g in groups for p in cap.consumer_modules(g)})
+  capture_out = capturing(small if placement == 'pre' else model, paths)
+  _, ft = capturing(model, paths)(variables, batch['image'])
   for i in range(3):
     before = trainable
     trainable, opt_state, m = step(trainable, opt_state, variables['params'],
@@ -246,12 +261,9 @@ def test_projections_stay_orthonormal_and_loss_is_ce_plus_recon(placement):
     # the loss is that of the P before this step, recomputed independently
     if placement == 'pre':
       v = cap.projected_variables(model.groups(), variables, before['proj'], covs)
-      out = small
     else:
-      v, out = cap.lifted_variables(model.groups(), variables, before['proj']), model
-    paths = sorted({p for g in groups for p in cap.consumer_modules(g)})
-    lg, fs = cap.apply_capturing(out, v, batch['image'], paths)
-    _, ft = cap.apply_capturing(model, variables, batch['image'], paths)
+      v = cap.lifted_variables(model.groups(), variables, before['proj'])
+    lg, fs = capture_out(v, batch['image'])
     ce = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(lg)),
                                      batch['label'][:, None], 1))
     rec = np.mean([np.sum((np.asarray(fs[p]) - np.asarray(ft[p])) ** 2) /

@@ -29,21 +29,29 @@ def test_one_channel_conv_equals_lax_conv_forward_and_gradients(kernel, stride, 
     kw = dict(padding=[(pad, pad), (pad, pad)], use_bias=bias, param_dtype=jnp.float64)
     fast = common.Conv(5, (kernel, kernel), (stride, stride), **kw)
     ref = nn.Conv(5, (kernel, kernel), (stride, stride), **kw)
-    v = ref.init(jax.random.key(1), x)
+    v = jax.jit(ref.init)(jax.random.key(1), x)
     v = jax.tree.map(lambda a: a + 0.25, v)
-    assert jax.tree.structure(fast.init(jax.random.key(1), x)) == jax.tree.structure(v)
+    assert jax.tree.structure(jax.eval_shape(fast.init, jax.random.key(1), x)) == \
+        jax.tree.structure(v)
     # one_channel_conv is on the path (not a silent fallback to nn.Conv)
     assert 'custom_jvp_call' in str(jax.make_jaxpr(lambda v: fast.apply(v, x))(v))
 
     def loss(m):
       return lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-    np.testing.assert_allclose(fast.apply(v, x), ref.apply(v, x), rtol=0, atol=1e-12)
-    g_fast = jax.grad(loss(fast), argnums=(0, 1))(v, x)
-    g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+
+    # Forward, gradients and forward-over-reverse (the estimators' Hessian-vector products) of
+    # one module in one jitted program: op-by-op autodiff compiles every op separately.
+    def outputs(m):
+      def f(v, x):
+        hvp = jax.jvp(lambda v: jax.grad(loss(m))(v, x), (v,), (v,))[1]
+        return m.apply(v, x), jax.grad(loss(m), argnums=(0, 1))(v, x), hvp
+      return jax.jit(f)(v, x)
+
+    y_fast, g_fast, hvp_fast = outputs(fast)
+    y_ref, g_ref, hvp_ref = outputs(ref)
+    np.testing.assert_allclose(y_fast, y_ref, rtol=0, atol=1e-12)
     assert _max_abs(g_fast, g_ref) < 1e-11
-    # forward-over-reverse (the estimators' Hessian-vector products)
-    hvp = lambda m: jax.jvp(lambda v: jax.grad(loss(m))(v, x), (v,), (v,))[1]
-    assert _max_abs(hvp(fast), hvp(ref)) < 1e-10
+    assert _max_abs(hvp_fast, hvp_ref) < 1e-10
     with common.reference_convolutions():
       jaxpr = str(jax.make_jaxpr(lambda v: fast.apply(v, x))(v))
     assert 'conv_general_dilated' in jaxpr and 'custom_jvp_call' not in jaxpr
@@ -61,7 +69,20 @@ def _steps(model, options, n=2):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((16, 28, 28, 1), np.float32)
   y = rng.integers(0, 10, 16).astype(np.int32)
-  variables = jax.tree.map(np.asarray, model.init(jax.random.key(0), x[:1]))
+  # Drawn with numpy at init's shapes (running model.init op by op compiles every initialiser);
+  # the same draw for both runs compared.
+  init_rng = np.random.default_rng(1)
+
+  def draw(path, a):
+    leaf = path[-1].key
+    if leaf == 'kernel':
+      return (init_rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(a.dtype)
+    if leaf in ('scale', 'var'):
+      return init_rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
+    return init_rng.normal(0.0, 0.2, a.shape).astype(a.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(
+      draw, jax.eval_shape(model.init, jax.random.key(0), x[:1]))
   optim = ml_collections.ConfigDict(dict(name='sgd', learning_rate=0.1, momentum=0.9,
                                          nesterov=True, weight_decay=5e-4, schedule='constant'))
   tx = train.create_optimizer(optim, 10, 100)
