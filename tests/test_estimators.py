@@ -23,6 +23,14 @@ MICRO = {'stage1': 2, 'stage1.block0': 2, 'stage2': 3, 'stage2.block0': 2, 'stag
          'stage3.block0': 2}
 
 
+# The suite compiles with --xla_backend_optimization_level=0 (tests/conftest.py): compile time
+# is most of its wall time. LeNet-3's float64 Hessians / many HVPs are the exception (252 gates
+# at 20x20): unoptimised they run 10-40x slower (OBD, 64 probes: 2.3 s vs 0.06 s a call; the
+# 252x252 gate Hessian: 9.6 s vs 0.6 s), which costs more than the ~1.3x longer compile. ResNet-8's
+# (25 gates; all parameters in test_so_weights_equals_explicit_hessian) are compile-bound: O0.
+jit_o2 = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 2})
+
+
 @pytest.fixture
 def x64():
   with jax.enable_x64(True):
@@ -166,7 +174,8 @@ def test_so_gates_equals_explicit_hessian(x64, name, train_mode):
   scores = run('taylor_so', ctx)
   flat, unravel = jax.flatten_util.ravel_pytree(dict(ctx.masks))
   f = lambda v: ctx.loss(ctx.params, unravel(v))
-  g, H = map(np.asarray, jax.jit(lambda v: (jax.grad(f)(v), jax.hessian(f)(v)))(flat))
+  jit = jit_o2 if name == 'lenet3' else jax.jit  # see jit_o2
+  g, H = map(np.asarray, jit(lambda v: (jax.grad(f)(v), jax.hessian(f)(v)))(flat))
   z = np.asarray(flat)
   want = unravel(jnp.asarray((g * z - 0.5 * z * (H @ z)) ** 2))
   for k in want:
@@ -213,25 +222,32 @@ def test_so_weights_equals_explicit_hessian(x64):
 
 def test_obd_exact_and_hutchinson_convergence(x64):
   ctx = make_ctx('lenet3', False, batch=4)
-  exact = run('obd_exact', ctx)
-  # obd_exact == 1/2 z^2 diag(H) from an explicit Hessian (with pruned units -> 0).
   flat, unravel = jax.flatten_util.ravel_pytree(dict(ctx.masks))
-  H = np.asarray(jax.jit(jax.hessian(lambda v: ctx.loss(ctx.params, unravel(v))))(flat))
+  # obd_exact == 1/2 z^2 diag(H) from an explicit Hessian (with pruned units -> 0); both in one
+  # program (see jit_o2).
+  exact, H = jax.device_get(jit_o2(lambda params, masks: (
+      E.get('obd_exact')(fresh(ctx, params=params, masks=masks)),
+      jax.hessian(lambda v: ctx.loss(params, unravel(v)))(flat)))(ctx.params, dict(ctx.masks)))
   want = unravel(jnp.asarray(0.5 * np.diag(H)))
   for k in want:
     np.testing.assert_allclose(exact[k], np.asarray(want[k]), rtol=1e-9, atol=1e-20)
   exact_flat = np.concatenate([exact[k] for k in sorted(exact)])
 
   probes, seeds = [4, 16, 64], 16
-  rms = []
-  for p in probes:
-    fn = jitted('obd', ctx, num_probes=p)
-    errs = []
-    for s in range(seeds):
-      est = fn(fresh(ctx, step=jnp.asarray(s, jnp.int32)))
+
+  # OBD at every probe count in one program, compiled once (see jit_o2).
+  @jit_o2
+  def estimates(params, masks, step):
+    return [E.get('obd', num_probes=p)(fresh(ctx, params=params, masks=masks, step=step))
+            for p in probes]
+
+  errs = np.zeros((len(probes), seeds))
+  for s in range(seeds):
+    for i, est in enumerate(jax.device_get(
+        estimates(ctx.params, dict(ctx.masks), jnp.asarray(s, jnp.int32)))):
       est = np.concatenate([np.asarray(est[k]) for k in sorted(est)])
-      errs.append(np.sum((est - exact_flat) ** 2))
-    rms.append(np.sqrt(np.mean(errs)))
+      errs[i, s] = np.sum((est - exact_flat) ** 2)
+  rms = list(np.sqrt(np.mean(errs, axis=1)))
   slope = np.polyfit(np.log(probes), np.log(rms), 1)[0]
   assert -0.62 < slope < -0.38, (slope, rms)
   assert rms[-1] < rms[0] / 4
@@ -314,11 +330,23 @@ def test_activation_taylor_by_explicit_split(x64):
   got = run('activation_taylor', ctx, normalize=False)
   got_n = run('activation_taylor', ctx)
   x, y = ctx.batch['image'], ctx.batch['label']
-  for site in ('conv1', 'conv2', 'fc1', 'fc2'):
-    prefix, suffix = _lenet_split(ctx.params, x, site)
-    a = prefix(x)
-    g = jax.grad(lambda h: jnp.mean(losses.cross_entropy(suffix(h), y)))(a)
-    want = np.mean(np.abs(np.asarray(a * g)).reshape(-1, a.shape[-1]), axis=0)
+  sites = ('conv1', 'conv2', 'fc1', 'fc2')
+
+  # The four splits' activations and gradients in one jitted program (eager autodiff compiles
+  # every op separately).
+  @jax.jit
+  def a_and_g(params, x, y):
+    out = {}
+    for site in sites:
+      prefix, suffix = _lenet_split(params, x, site)
+      a = prefix(x)
+      out[site] = a, jax.grad(lambda h: jnp.mean(losses.cross_entropy(suffix(h), y)))(a)
+    return out
+
+  split = jax.device_get(a_and_g(ctx.params, x, y))
+  for site in sites:
+    a, g = split[site]
+    want = np.mean(np.abs(a * g).reshape(-1, a.shape[-1]), axis=0)
     np.testing.assert_allclose(got[site], want, rtol=1e-9, atol=1e-20)
     np.testing.assert_allclose(got_n[site], want / np.linalg.norm(want), rtol=1e-9)
 
@@ -350,7 +378,8 @@ def _one_train_step(ctx, estimator):
   state = train.create_train_state(jax.tree.map(jnp.array, variables), tx, masks=masks)
   mesh = train.create_mesh(jax.devices()[:1])
   step = train.make_train_step(ctx.model, tx, mesh, estimator=estimator)
-  want = jax.grad(lambda z: ctx.loss(ctx.params, z))(jax.tree.map(jnp.asarray, masks))
+  # Jitted: eager autodiff would compile every op of the forward and backward separately.
+  want = jax.jit(jax.grad(lambda z: ctx.loss(ctx.params, z)))(jax.tree.map(jnp.asarray, masks))
   state, _ = step(state, train.shard_batch(mesh, jax.tree.map(np.asarray, ctx.batch)))
   return state, masks, want
 
@@ -378,8 +407,12 @@ def _quarter(name):
 
 
 @pytest.mark.parametrize('name,shape,widths', [
-    ('resnet8', (2, 8, 8, 1), dict(TINY)), ('resnet20', (2, 16, 16, 3), None),
-    ('vgg16_bn', (2, 32, 32, 3), None), ('resnet18', (2, 64, 64, 3), 'quarter'),
+    ('resnet8', (2, 8, 8, 1), dict(TINY)),
+    # CifarResNet with 3 blocks a stage: ResNet-8 (same block and group code) covers it.
+    pytest.param('resnet20', (2, 16, 16, 3), None, marks=pytest.mark.slow),
+    # Quarter width: the flags and the identity do not depend on width; full width in float64
+    # ran unoptimised convolutions of up to 512 channels (10 s).
+    ('vgg16_bn', (2, 32, 32, 3), 'quarter'), ('resnet18', (2, 64, 64, 3), 'quarter'),
     ('resnet50', (2, 64, 64, 3), 'quarter'), ('vgg11_bn', (2, 32, 32, 3), 'quarter')])
 def test_gate_grads_from_norm_equal_autodiff_at_live_units(x64, name, shape, widths):
   """Every group flagged ``gate_after_norm`` satisfies dL/dz = gamma g_gamma + beta g_beta at
