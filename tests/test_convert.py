@@ -10,6 +10,7 @@ it is shown to fail). The error messages for bad state dicts are checked too.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -37,9 +38,14 @@ def _input(seed: int = 1) -> np.ndarray:
   return np.random.default_rng(seed).normal(size=(2, 3, 64, 64)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _apply(name: str):
+  """The jitted forward, one per model: a new model's bound ``apply`` would compile again."""
+  return jax.jit(models.create(name, 1000).apply)
+
+
 def _logits(name: str, variables, x_nchw: np.ndarray) -> np.ndarray:
-  model = models.create(name, 1000)
-  return np.asarray(jax.jit(model.apply)(variables, x_nchw.transpose(0, 2, 3, 1)))
+  return np.asarray(_apply(name)(variables, x_nchw.transpose(0, 2, 3, 1)))
 
 
 # The tests that use the session-scoped ``resnet18_sd`` run on one pytest-xdist worker (run_tests.sh:
