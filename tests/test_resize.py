@@ -103,6 +103,13 @@ def nnx_init(make, seed=0):
   return model
 
 
+# The full and the sliced forward each as one jitted program (Linen modules hash by their fields,
+# so the full model's compiles once for all hypothesis examples): run eagerly, every op of them
+# compiled on its own.
+_apply = jax.jit(lambda model, v, x: model.apply(v, x), static_argnums=0)
+_linen_apply = jax.jit(lambda model, v, x: resize.linen_apply(model, v, x), static_argnums=0)
+
+
 def close(a, b, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
 
@@ -148,7 +155,7 @@ def test_mobilenet_linen_sliced_hidden_channels_match_zeroed_in_eval_mode(units)
   model, variables = mobilenet_linen()
   masked, sliced = remove(variables, mobilenet_hidden_slices(), units)
   assert sliced['params']['block1']['depthwise']['kernel'].shape[-1] == 48 - len(units)
-  close(model.apply(masked, X), resize.linen_apply(model, sliced, X))
+  close(_apply(model, masked, X), _linen_apply(model, sliced, X))
 
 
 def test_mobilenet_linen_train_mode_writes_smaller_batch_stats_and_matches_zeroed():
@@ -236,7 +243,7 @@ def test_vit_linen_removed_head_and_mlp_units_match_zeroed(head, units):
   m2, _ = remove(masked, mlp_slices(('block1',)), units)
   _, s2 = remove(sliced, mlp_slices(('block1',)), units)
   assert s2['params']['block0']['attn']['query']['kernel'].shape == (64, 3, 16)
-  close(model.apply(m2, X), resize.linen_apply(model, s2, X))
+  close(_apply(model, m2, X), _linen_apply(model, s2, X))
 
 
 def test_linen_attention_reads_num_heads_from_the_query_kernel_and_value_head_dim_may_differ():
@@ -282,7 +289,7 @@ def test_concat_cnn_branch_channels_through_concat_and_flatten_match_zeroed(bran
   masked, _ = remove(masked, g2, mid)
   _, sliced = remove(sliced, g2, mid)
   assert sliced['params']['fc']['kernel'].shape[0] == 49 * (32 - len(mid))
-  close(model.apply(masked, X), resize.linen_apply(model, sliced, X))
+  close(_apply(model, masked, X), _linen_apply(model, sliced, X))
 
 
 def test_concat_cnn_train_mode_matches_zeroed_and_writes_smaller_batch_stats():
