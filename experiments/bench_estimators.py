@@ -58,14 +58,18 @@ def he_init(model, x, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def time_steps(model, variables, masks, batch, rounds, steps_per_round):
+def time_steps(model, variables, masks, batch, rounds, steps_per_round,
+               variants=('plain', 'taylor_fo_bn', 'taylor_so'), deadline=None):
+  """Per-step seconds of the data-parallel train step with each estimator of ``variants``
+  ('plain': none), interleaved round by round, and compile + first step seconds of each.
+  ``deadline`` (a ``time.perf_counter()`` value): no new round starts after it (one always
+  runs), so a caller with a time budget gets fewer rounds instead of overrunning."""
   tx = train.create_optimizer(ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4, schedule='constant')),
       100, 100)
   mesh = train.create_mesh()
   gbatch = train.shard_batch(mesh, batch)
-  variants = {'plain': None, 'taylor_fo_bn': E.get('taylor_fo_bn'),
-              'taylor_so': E.get('taylor_so')}
+  variants = {name: None if name == 'plain' else E.get(name) for name in variants}
   steps, states, compile_s = {}, {}, {}
   for name, est in variants.items():
     steps[name] = train.make_train_step(model, tx, mesh, estimator=est)
@@ -75,7 +79,9 @@ def time_steps(model, variables, masks, batch, rounds, steps_per_round):
     jax.block_until_ready(m)
     compile_s[name] = time.perf_counter() - t
   times = {k: [] for k in variants}
-  for _ in range(rounds):  # interleaved: plain, fo, so, plain, fo, so, ...
+  for r in range(rounds):  # interleaved: plain, fo, so, plain, fo, so, ...
+    if r and deadline is not None and time.perf_counter() > deadline:
+      break
     for name in variants:
       t = time.perf_counter()
       for _ in range(steps_per_round):
@@ -83,6 +89,58 @@ def time_steps(model, variables, masks, batch, rounds, steps_per_round):
       jax.block_until_ready((states[name].score_sum, m))
       times[name].append((time.perf_counter() - t) / steps_per_round)
   return times, compile_s
+
+
+def time_oracle(model, variables, masks, batches, chunk_size=64, naive_units_per_group=2):
+  """The fast oracle of every prunable unit over ``batches`` against the naive loop (timed on
+  ``naive_units_per_group`` sampled units per group, extrapolated to all units: its cost per
+  unit is the same for every unit), their MAC bound and agreement; ``oracle_*`` keys."""
+  groups = model.groups()
+  total_units = sum(g.width for g in groups if g.prunable)
+  t = time.perf_counter()
+  fast = oracle.oracle_scores(model, variables, masks, batches, chunk_size=chunk_size)
+  fast_cold = time.perf_counter() - t
+  # warm: the same compiled functions on one minibatch, scaled to all of them
+  t = time.perf_counter()
+  oracle.oracle_scores(model, variables, masks, batches[:1], chunk_size=chunk_size)
+  fast_warm = (time.perf_counter() - t) * len(batches)
+  print(json.dumps({'fast_cold_s': fast_cold, 'fast_warm_s': fast_warm}), flush=True)
+
+  macs = oracle.oracle_macs(model, variables, masks, batches[0], chunk_size=chunk_size)
+  rng = np.random.default_rng(0)
+  sample = {g.name: np.sort(rng.choice(g.width, naive_units_per_group, replace=False))
+            for g in groups if g.prunable}
+  n_sample = sum(len(v) for v in sample.values())
+  oracle.oracle_naive(model, variables, masks, batches[:1], units={groups[0].name: [0]})  # compile
+  t = time.perf_counter()
+  naive = oracle.oracle_naive(model, variables, masks, batches, units=sample)
+  naive_sample_s = time.perf_counter() - t
+  naive_per_unit = naive_sample_s / n_sample
+  naive_total = naive_per_unit * total_units
+  a = np.concatenate([fast[k][u] for k, u in sample.items()])
+  b = np.concatenate([naive[k][u] for k, u in sample.items()])
+  gmax = max(float(np.max(v)) for v in fast.values())
+  big = b >= 1e-3 * gmax
+  return {
+      'oracle_examples': sum(len(b['label']) for b in batches),
+      'oracle_minibatch': len(batches[0]['label']), 'oracle_units': total_units,
+      'oracle_chunk_size': chunk_size,
+      'oracle_fast_s_cold_incl_compile': fast_cold, 'oracle_fast_s_warm': fast_warm,
+      'oracle_naive_units_timed': n_sample, 'oracle_naive_s_timed': naive_sample_s,
+      'oracle_naive_s_per_unit': naive_per_unit, 'oracle_naive_s_all_units_extrapolated': naive_total,
+      'oracle_speedup': naive_total / fast_warm,
+      'oracle_speedup_cold_incl_compile': naive_total / fast_cold,
+      'oracle_fast_macs_per_minibatch': macs['fast'], 'oracle_naive_macs_per_minibatch':
+      macs['naive'], 'oracle_mac_bound': macs['bound'],
+      'oracle_mac_bound_note': 'naive / fast conv+dot MACs (oracle.oracle_macs): the speedup '
+                               'prefix reuse gives at equal MACs per second',
+      # NaN when no sampled unit scores that high (a tiny network can have none)
+      'oracle_max_rel_diff': (float(np.max(np.abs(a[big] - b[big]) / b[big])) if big.any()
+                              else float('nan')),
+      'oracle_max_rel_diff_note': 'over the naively timed units whose score >= 1e-3 x the max '
+                                  'score (smaller ones are float32 rounding of L differences)',
+      'oracle_max_abs_diff_over_max_score': float(np.max(np.abs(a - b)) / gmax),
+      'oracle_max_score': gmax}
 
 
 def main():
@@ -144,49 +202,12 @@ def main():
   # --- oracle -------------------------------------------------------------------------------
   n, bs = args.oracle_examples, args.oracle_batch
   batches = [{'image': images[i:i + bs], 'label': labels[i:i + bs]} for i in range(0, n, bs)]
-  total_units = sum(g.width for g in groups if g.prunable)
-  t = time.perf_counter()
-  fast = oracle.oracle_scores(model, variables, masks, batches, chunk_size=args.chunk_size)
-  fast_cold = time.perf_counter() - t
-  # warm: the same compiled functions on one minibatch, scaled to all of them
-  t = time.perf_counter()
-  oracle.oracle_scores(model, variables, masks, batches[:1], chunk_size=args.chunk_size)
-  fast_warm = (time.perf_counter() - t) * len(batches)
-  print(json.dumps({'fast_cold_s': fast_cold, 'fast_warm_s': fast_warm}), flush=True)
-
-  macs = oracle.oracle_macs(model, variables, masks, batches[0], chunk_size=args.chunk_size)
-  rng = np.random.default_rng(0)
-  sample = {g.name: np.sort(rng.choice(g.width, args.naive_units_per_group, replace=False))
-            for g in groups if g.prunable}
-  n_sample = sum(len(v) for v in sample.values())
-  oracle.oracle_naive(model, variables, masks, batches[:1], units={groups[0].name: [0]})  # compile
-  t = time.perf_counter()
-  naive = oracle.oracle_naive(model, variables, masks, batches, units=sample)
-  naive_sample_s = time.perf_counter() - t
-  naive_per_unit = naive_sample_s / n_sample
-  naive_total = naive_per_unit * total_units
-  a = np.concatenate([fast[k][u] for k, u in sample.items()])
-  b = np.concatenate([naive[k][u] for k, u in sample.items()])
-  gmax = max(float(np.max(v)) for v in fast.values())
-  big = b >= 1e-3 * gmax
-  res.update({
-      'oracle_examples': n, 'oracle_minibatch': bs, 'oracle_units': total_units,
-      'oracle_chunk_size': args.chunk_size,
-      'oracle_fast_s_cold_incl_compile': fast_cold, 'oracle_fast_s_warm': fast_warm,
-      'oracle_naive_units_timed': n_sample, 'oracle_naive_s_timed': naive_sample_s,
-      'oracle_naive_s_per_unit': naive_per_unit, 'oracle_naive_s_all_units_extrapolated': naive_total,
-      'oracle_speedup': naive_total / fast_warm,
-      'oracle_speedup_cold_incl_compile': naive_total / fast_cold,
-      'oracle_fast_macs_per_minibatch': macs['fast'], 'oracle_naive_macs_per_minibatch':
-      macs['naive'], 'oracle_mac_bound': macs['bound'],
-      'oracle_mac_bound_note': 'naive / fast conv+dot MACs (oracle.oracle_macs): the speedup '
-                               'prefix reuse gives at equal MACs per second',
-      'oracle_max_rel_diff': float(np.max(np.abs(a[big] - b[big]) / b[big])),
-      'oracle_max_rel_diff_note': 'over the naively timed units whose score >= 1e-3 x the max '
-                                  'score (smaller ones are float32 rounding of L differences)',
-      'oracle_max_abs_diff_over_max_score': float(np.max(np.abs(a - b)) / gmax),
-      'oracle_max_score': gmax,
-      'load_average_end': os.getloadavg()})
+  res.update(time_oracle(model, variables, masks, batches, args.chunk_size,
+                         args.naive_units_per_group))
+  res['load_average_end'] = os.getloadavg()
+  total_units, n_sample = res['oracle_units'], res['oracle_naive_units_timed']
+  fast_warm, fast_cold = res['oracle_fast_s_warm'], res['oracle_fast_s_cold_incl_compile']
+  naive_total = res['oracle_naive_s_all_units_extrapolated']
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, 'bench_estimators.json'), 'w') as f:
     json.dump(res, f, indent=1)
