@@ -150,10 +150,14 @@ def _xp(*arrays: Any):
 
 
 def _take(x: Any, idx: np.ndarray, axis: int) -> Any:
-  """Gather with host (numpy) indices; numpy in -> numpy out, jax array in -> jax array out."""
-  if isinstance(x, np.ndarray) or np.isscalar(x):
-    return np.take(x, idx, axis=axis)
-  return jnp.take(x, jnp.asarray(idx), axis=axis)
+  """Gather with host (numpy) indices; numpy in -> numpy out, jax array in -> jax array out.
+
+  A concrete jax array is gathered on the host: an eager ``jnp.take`` compiles one program per
+  array shape, and surgery meets new shapes at every pruning step. Tracers stay in jax."""
+  if isinstance(x, jax.core.Tracer):
+    return jnp.take(x, jnp.asarray(idx), axis=axis)
+  out = np.take(np.asarray(x), idx, axis=axis)
+  return out if isinstance(x, np.ndarray) or np.isscalar(x) else jnp.asarray(out)
 
 
 def group_selections(masks: Mapping[str, Any]) -> dict[str, GroupSelection]:
