@@ -111,10 +111,24 @@ def test_min_kept_respects_every_constraint():
     engine.Constraints(min_width=0)
 
 
+_FLOPS_BY_WIDTHS: dict = {}
+
+
 def _flops_excess(model, target):
-  from taylor_jax import costs
-  full = costs.flops(model, (28, 28, 1))
-  return lambda masks: costs.flops(model, (28, 28, 1), masks) / full - (1.0 - target)
+  """Share of ``model``'s FLOPs above the target's, after ``masks``. costs.flops depends on the
+  masks only through the widths they leave (it traces the surgered model), and an aligned search
+  revisits the same widths many times: each distinct one is traced once (memo over examples)."""
+  from taylor_jax import costs, surgery
+
+  def flops(masks):
+    widths = surgery.new_widths(model.widths, masks) if masks is not None else dict(model.widths)
+    key = (type(model).__name__, model.num_classes, tuple(sorted(widths.items())))
+    if key not in _FLOPS_BY_WIDTHS:
+      _FLOPS_BY_WIDTHS[key] = costs.flops(model, (28, 28, 1), masks)
+    return _FLOPS_BY_WIDTHS[key]
+
+  full = flops(None)
+  return lambda masks: flops(masks) / full - (1.0 - target)
 
 
 def _single_chunk_options(scores, masks, groups, widths, c, excess):

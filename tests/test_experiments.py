@@ -20,6 +20,7 @@ def test_oracle_correlation_end_to_end_synthetic(tmp_path):
           '--configs=configs/fashion_mnist_lenet3_baseline.py', '--epochs=1',
           '--set=train.limit_examples=128', '--set=train.batch_size=64',
           '--set=train.limit_eval_examples=128', '--set=report.latency_repeats=1',
+          '--set=report.latency_rounds=1',
           '--examples=128', '--batch_size=64',
           '--estimators=taylor_fo_bn,taylor_so,weight_l2,random,bn_scale',
           f'--workdir_root={tmp_path / "runs"}', f'--out={out}']

@@ -53,8 +53,9 @@ def _tiny_config(dataset):
   # One pruning step (each surgery recompiles), no group checks (tested elsewhere): ~35 s.
   c.prune.enabled, c.prune.target_units, c.prune.check_groups = True, 40, False
   c.prune.frequency, c.prune.prune_per_iteration = 4, 40
-  c.prune.finetune_epochs, c.prune.eval_examples = 0.5, 100
-  c.report.latency_repeats, c.report.latency_rounds = 2, 1
+  # The pruning step's eval in batches of eval_batch_size: the same program as the final eval.
+  c.prune.finetune_epochs, c.prune.eval_examples = 0.5, 50
+  c.report.latency_repeats, c.report.latency_rounds = 1, 1
   return c
 
 

@@ -32,7 +32,9 @@ model = models.create('resnet8', 10, {'stage1': 8, 'stage1.block0': 6, 'stage2':
 rng = np.random.default_rng(0)
 images = rng.normal(size=(3, GLOBAL_BATCH, 12, 12, 1)).astype(np.float32)
 labels = rng.integers(0, 10, size=(3, GLOBAL_BATCH)).astype(np.int32)
-variables = model.init(jax.random.key(0), images[0, :2])
+# Jitted: one compile instead of one per primitive of an eager init (~2x less CPU); every
+# process compared runs this same program.
+variables = jax.jit(model.init)(jax.random.key(0), images[0, :2])
 optim = ml_collections.ConfigDict(dict(name='sgd', learning_rate=0.1, momentum=0.9,
                                        nesterov=True, weight_decay=5e-4, schedule='cosine'))
 tx = train.create_optimizer(optim, 10, 100)
