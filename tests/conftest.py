@@ -51,10 +51,20 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
-@pytest.hookimpl(trylast=True)
+# The longest tests (or xdist groups) first: xdist hands out work in collection order, and a long
+# test started last leaves the other worker idle at the end.
+LONG_FIRST = ('test_notebook.py', 'test_main_job.py', 'test_imagenet_mock.py', 'test_pruner.py',
+              'test_cascaded_projection.py', 'test_surgery.py', 'test_any_model.py',
+              'test_gpu_suite.py', 'test_any_model_e2e.py', 'test_estimators_data_parallel.py')
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which names the groups
 def pytest_collection_modifyitems(config, items):
-  """Fails the run when ``--dist loadgroup`` ignores the ``xdist_group`` marks (pytest-xdist
-  3.8 under pytest 9 does, silently): the shared end-to-end fixtures would be built per worker."""
+  """Orders the long tests first; fails the run when ``--dist loadgroup`` ignores the
+  ``xdist_group`` marks (pytest-xdist 3.8 under pytest 9 does, silently: the shared end-to-end
+  fixtures would be built once per worker)."""
+  rank = {name: i for i, name in enumerate(LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
   if not getattr(config.option, 'loadgroup', False):  # set on xdist workers by --dist loadgroup
     return
   ignored = [i.nodeid for i in items if i.get_closest_marker('xdist_group') and '@' not in i.nodeid]
