@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from taylor_jax import costs, engine, estimators, masking, resize, surgery
+from taylor_jax import checks, costs, engine, estimators, masking, resize, surgery
 from taylor_jax.engine import Constraints, Target
 from taylor_jax.models import any_model
 
@@ -300,6 +300,8 @@ class Pruner:
                           prune_marked=prune_marked)
     check_target_feasible(target, self.model, self.input_shape, self.schedule.constraints)
     self.full = FullSize.of(self.model, self.input_shape)
+    # primitives of the full forward pass: every smaller network must run the same ones
+    self.structure = checks.structure(self.model, self.input_shape)
     self.calls = 0          # host-side: calls of step() so far
     self.prune_steps = 0
     self.done = False
@@ -371,8 +373,12 @@ class Pruner:
     ema, masks = prune_period(self.model, self.input_shape, ones, host.score_sum,
                               int(host.score_count), host.score_ema, first=self.prune_steps == 0,
                               target=self.target, schedule=self.schedule, full=self.full)
+    smaller = self.model.clone(widths=surgery.new_widths(self.model.widths, masks))
+    # before anything changes: a layer that decides its structure from its widths (a shortcut
+    # added when in_ch == out_ch) would silently compute something else after surgery
+    checks.check_structure(self.structure, smaller, self.input_shape)
     new_vars, new_opt = self._shrink(groups, variables, opt_state, masks)
-    self.model = self.model.clone(widths=surgery.new_widths(self.model.widths, masks))
+    self.model = smaller
     self.prune_steps += 1
     self.load(new_vars)
     record = {'prune_step': self.prune_steps, 'call': self.calls,

@@ -249,3 +249,26 @@ def test_main_job_and_pruner_in_a_hand_written_loop_prune_alike(tmp_path, fashio
   assert pr.widths == report['pruned']['widths']
   assert [h['step'] - report['history'][0]['step'] for h in report['history']] == [
       h['call'] - pr.history[0]['call'] for h in pr.history]
+
+
+class WidthDependentShortcut(nn.Module):
+  """A shortcut decided from the widths: after surgery it would silently disappear."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    y = nn.Conv(8, (3, 3))(x)
+    x = x + y if x.shape[-1] == 8 else y
+    return nn.Dense(4)(x.mean((1, 2)))
+
+
+def test_a_structure_that_follows_the_widths_is_refused_at_the_pruning_step():
+  from taylor_jax.checks import GroupCheckError
+  module = WidthDependentShortcut()
+  variables = module.init(jax.random.key(0), X[:2])
+  pr = taylor_jax.Pruner(module, X[:2], target=Target(units=2), frequency=1, units_per_step=2)
+  grads = jax.tree.map(jnp.ones_like, variables['params'])
+  pstate = pr.accumulate(pr.init(), variables['params'], grads)
+  with pytest.raises(GroupCheckError, match='in_ch == out_ch'):
+    pr.step(pstate, variables)
+  assert pr.widths == {k: 8 for k in pr.widths} and not pr.history  # nothing changed
