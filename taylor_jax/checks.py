@@ -75,12 +75,14 @@ def check_coverage(model, input_shape: Sequence[int]) -> None:
 
 
 def _max_diff(model, variables, x, masks) -> float:
-  masked = model.apply(variables, x, gates=masks, train=False)
+  masked = model_common.run_once(lambda v, xx: model.apply(v, xx, gates=masks, train=False),
+                                 variables, x)
   if not bool(jnp.all(jnp.isfinite(masked))):
     raise GroupCheckError('the model\'s logits are not finite at its initial variables, so '
                           'surgery cannot be checked: check the initialisation')
   small = model.clone(widths=surgery.new_widths(model.widths, masks))
-  shrunk = small.apply(surgery.shrink_variables(model.groups(), variables, masks), x, train=False)
+  shrunk = model_common.run_once(lambda v, xx: small.apply(v, xx, train=False),
+                                 surgery.shrink_variables(model.groups(), variables, masks), x)
   scale = max(1.0, float(jnp.max(jnp.abs(masked))))
   return float(jnp.max(jnp.abs(shrunk - masked))) / scale
 

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.limit_examples = ml_collections.FieldReference(None, field_type=int)  # smoke runs
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 500
+  # Test-set evaluation every this many epochs of any training phase, logged to metrics.jsonl
+  # as '<phase>_curve' records (learning curves); 0: only at the end of the baseline and run.
+  c.train.eval_every_epochs = 0.0
   c.train.eval_batch_size = 500
   c.train.limit_eval_examples = ml_collections.FieldReference(None, field_type=int)
   c.train.init_checkpoint = ml_collections.FieldReference(None, field_type=str)  # a workdir
@@ -212,6 +215,8 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
   _check(c.train.eval_batch_size >= 1, f'train.eval_batch_size={c.train.eval_batch_size}')
   for key in ('checkpoint_every_steps', 'log_every_steps'):
     _check(c.train[key] >= 1, f'train.{key}={c.train[key]}: must be >= 1')
+  _check(c.train.eval_every_epochs >= 0,
+         f'train.eval_every_epochs={c.train.eval_every_epochs}: must be >= 0 (0: off)')
   _check(c.train.crop_pad >= 0, f'train.crop_pad={c.train.crop_pad}: must be >= 0')
   for key in ('limit_examples', 'limit_eval_examples'):
     v = c.train[key]
@@ -280,12 +285,13 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
 # Fields that change where or how verbosely a run runs, never its result (resume is bit-identical
 # whatever the checkpoint interval): a resumed run may change them freely.
 RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_steps',
+                  'train.eval_every_epochs',
                   'report.latency_repeats', 'report.latency_rounds', 'distributed.')
 
 
 # Fields added after runs were saved, with the value that does what those runs did: a saved
 # config without them resumes as if it had them at these values.
-ADDED_LATER = {'data_mean': None, 'data_std': None}
+ADDED_LATER = {'data_mean': None, 'data_std': None, 'train.eval_every_epochs': 0.0}
 
 
 def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -35,6 +35,7 @@ from taylor_jax import pruner, report
 from taylor_jax import surgery
 from taylor_jax import train
 from taylor_jax.data import input_pipeline
+from taylor_jax.models import common as model_common
 
 ARCH_KEYS = ('model', 'dataset')
 
@@ -295,9 +296,9 @@ class _Job:
   def fresh_state(self, widths, phase: str, seed: int):
     model = models.create(self.config.model, self.info.num_classes, widths,
                           input_shape=self.input_shape)
-    # jitted: eager init compiles every initializer op on its own (12 s for ResNet-8 on CPU)
-    variables = jax.jit(model.init)(jax.random.key(seed),
-                                    np.zeros((1,) + self.input_shape, np.float32))
+    # one program (eager init compiles every initializer op on its own: 12 s for ResNet-8)
+    variables = model_common.run_once(model.init, jax.random.key(seed),
+                                      np.zeros((1,) + self.input_shape, np.float32))
     return train.create_train_state(variables, self.tx_for(phase), widths=widths)
 
   def meta(self, phase: str) -> dict[str, Any]:
@@ -343,7 +344,7 @@ class _Job:
     if with_full:
       full = self.model.clone(widths=dict(self.full_widths))
       x = np.zeros((1,) + tuple(self.input_shape), np.float32)
-      nets['full'] = (full, jax.jit(lambda: full.init(jax.random.key(0), x))(), None)
+      nets['full'] = (full, model_common.run_once(full.init, jax.random.key(0), x), None)
     out = {name: {} for name in nets}
     for b in (1, 64):
       lat = costs.compare_latency(nets, b, self.input_shape,
@@ -536,6 +537,7 @@ def _train(job: _Job, state, stop_step: int, phase: str, on_period=None, period:
   c = job.config.train
   it = job.batches_from(job.step)
   window, unchecked = [], 0  # (step, metrics) since the last log; how many not yet checked
+  curve_every = max(1, round(c.eval_every_epochs * job.spe)) if c.eval_every_epochs else 0
 
   def check():
     nonlocal unchecked
@@ -560,11 +562,23 @@ def _train(job: _Job, state, stop_step: int, phase: str, on_period=None, period:
         state, finished = on_period(state)
         if finished:
           return state
+    if curve_every and job.step % curve_every == 0:
+      check()
+      _log_curve_point(job, state, phase)
     if job.step % c.checkpoint_every_steps == 0:
       check()
       job.save(state, phase)
   check()
   return state
+
+
+def _log_curve_point(job: _Job, state, phase: str) -> None:
+  """One point of the learning curve (``train.eval_every_epochs``): the whole test split;
+  ``epoch`` counts from the start of the run (steps / steps per epoch)."""
+  ev = job.evaluate(state, job.test_split)
+  _log_metrics(job.workdir, {'step': job.step, 'phase': f'{phase}_curve',
+                             'epoch': job.step / job.spe, 'test_accuracy': ev['accuracy'],
+                             'test_loss': ev['loss'], 'wall_s': time.time() - job.wall_start})
 
 
 # --- phases ---------------------------------------------------------------------------------------
@@ -741,7 +755,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   full, _ = _full_size(config)
   job = _Job(config, workdir, full)
   state, phase = _start(job, allow_config_change)
-  job.bar = tqdm.tqdm(total=job.baseline_steps + job.finetune_steps, initial=job.step,
+  # The pruning phase's length is unknown until its target is reached: not in the total.
+  job.bar = tqdm.tqdm(total=job.baseline_steps + (job.finetune_steps if config.prune.enabled
+                                                  else 0), initial=job.step,
                       desc=phase, mininterval=5.0, disable=jax.process_index() != 0)
   if phase == 'baseline':
     state = _train(job, state, job.baseline_steps, 'baseline')
@@ -775,8 +791,8 @@ def restore(workdir: str):
 
   def template(meta):
     input_shape = tuple(meta['input_shape'])
-    variables = jax.jit(model_of(meta).init)(jax.random.key(0),
-                                             np.zeros((1,) + input_shape, np.float32))
+    variables = model_common.run_once(model_of(meta).init, jax.random.key(0),
+                                      np.zeros((1,) + input_shape, np.float32))
     optim = ml_collections.ConfigDict(dict(meta['config'])['optim'])
     if meta['phase'] != 'baseline':
       optim.schedule = 'constant'

@@ -201,7 +201,11 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                        out_specs=(P(), P()), check_vma=False)
-  return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options(xla_options))
+  # Shardings declared: a state still on the host (numpy, after surgery) is placed by the jit
+  # and runs the program a replicated state runs, instead of compiling a second one for it.
+  return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options(xla_options),
+                 in_shardings=(_replicated(mesh), NamedSharding(mesh, P(DATA_AXIS))),
+                 out_shardings=_replicated(mesh))
 
 
 def make_eval_step(model, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
@@ -220,7 +224,13 @@ def make_eval_step(model, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(DATA_AXIS)),
                        out_specs=P(), check_vma=False)
-  return jax.jit(step)
+  rep = _replicated(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, rep, NamedSharding(mesh, P(DATA_AXIS))),
+                 out_shardings=rep)
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -232,7 +242,7 @@ def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """Places a host tree on every device of ``mesh`` (replicated)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return jax.device_put(tree, _replicated(mesh))
 
 
 def evaluate(eval_step, state: TrainState, mesh: Mesh, batches) -> dict[str, float]:

@@ -86,7 +86,8 @@ def test_one_train_step_with_optimizer_state_matches(spec):
   batches = [{'image': rng.standard_normal((8, 28, 28, 1)).astype(np.float32),
               'label': rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
   # Masked run: two steps (the second sees a non-zero momentum), then surgery.
-  state = train.create_train_state(variables, tx, masks=masks)
+  # Replicated first: the second step then reuses the first one's traced program.
+  state = train.replicate(mesh, train.create_train_state(variables, tx, masks=masks))
   step = train.make_train_step(model, tx, mesh)
   state, _ = step(state, train.shard_batch(mesh, batches[0]))
   small_model, small = surgery.shrink_train_state(jax.device_get(state), model, tx)

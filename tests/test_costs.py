@@ -227,6 +227,37 @@ def test_latency_positive(name):
       assert np.isfinite(t[k]) and t[k] > 0, (k, t)
 
 
+def test_latency_is_timed_on_xla_default_optimisation(monkeypatch):
+  """The suite compiles at LLVM level 0 (conftest.py); latency must still time the program a
+  deployment runs: every timed network is compiled at XLA's default level 3."""
+  import jax.stages
+  seen = []
+  compile_ = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None, **kw):
+    seen.append(compiler_options)
+    return compile_(self, compiler_options=compiler_options, **kw)
+
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', spy)
+  model, variables = variables_of('lenet3')
+  costs.compare_latency({'a': (model, variables, None), 'b': (model, variables, None)}, 2,
+                        input_shape('lenet3'), repeats=1, rounds=1, warmup=1)
+  assert seen == [{'xla_backend_optimization_level': 3}] * 2
+
+
+def test_counts_are_kept_per_widths_and_fields():
+  model, _ = variables_of('resnet8')
+  masks = random_masks(model, 0)
+  small = model.clone(widths=surgery.new_widths(model.widths, masks))
+  want = (costs.flops(small, (32, 32, 3)), costs.params(small, (32, 32, 3)))
+  assert (costs.flops(model, (32, 32, 3), masks), costs.params(model, (32, 32, 3), masks)) == want
+  assert costs.flops(model, (32, 32, 3)) > want[0]  # the full model is not the kept small one
+  assert costs.flops(small, (32, 32, 3), count_padding=False) < want[0]
+  assert costs.flops(small, (16, 16, 3)) < want[0]
+  # A field other than the widths (the classes) changes the key too.
+  assert costs.params(small.clone(num_classes=3), (32, 32, 3)) < want[1]
+
+
 class _FakeClock:
   """Stands in for ``time`` in costs: the k-th timed call lasts ``durations_ms[k]``."""
 

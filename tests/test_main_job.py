@@ -124,7 +124,9 @@ def test_latency_aware_ranking_measures_its_table_once_and_reaches_the_target(
     tmp_path, fashion_mnist_data_dir):
   workdir = str(tmp_path / 'latency_aware')
   # Shorter than SMALL, and max_share 0.25 leaves 6 networks in the table (compiled one by one).
+  # The seed notes' criterion (bn_scale_grad) by name: the engine runs any registered estimator.
   proc = _main(workdir, f'--config.data_dir={fashion_mnist_data_dir}',
+               '--config.prune.estimator=bn_scale_grad',
                '--config.prune.rank_by=score_per_latency', '--config.train.limit_examples=512',
                '--config.prune.finetune_epochs=0.25', '--config.prune.eval_examples=0',
                '--config.prune.max_share=0.25', '--config.prune.target_flops_reduction=0.15')
@@ -139,3 +141,6 @@ def test_latency_aware_ranking_measures_its_table_once_and_reaches_the_target(
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert [r['table'] for r in records if r['phase'] == 'latency_table'] == [table]
   assert rep['pruned']['flops'] <= 0.85 * rep['baseline']['flops']
+  assert rep['config']['prune']['estimator'] == 'bn_scale_grad'
+  steps = [r for r in records if r['phase'] == 'prune_step']
+  assert steps and all(r['units_kept'] < 224 for r in steps)

@@ -16,6 +16,7 @@ import pytest
 
 from taylor_jax import models, surgery
 from taylor_jax.groups import check_groups, get_path, total_units
+from taylor_jax.models import common as model_common
 from taylor_jax.models.densenet import DenseNet
 from taylor_jax.models.vgg import adaptive_pool_matrix
 
@@ -298,3 +299,16 @@ def test_single_channel_conv_fast_path_equals_lax_conv(kernel, stride, pad, bias
       jaxpr = jax.make_jaxpr(lambda v: fast.apply(v, x))(variables)
     assert 'conv_general_dilated' in str(jaxpr)
     assert 'conv_general_dilated' not in str(jax.make_jaxpr(lambda v: fast.apply(v, x))(variables))
+
+
+def test_run_once_computes_what_jit_computes_and_traces_along():
+  """run_once (initialisation without LLVM optimisation) gives jit's values up to rounding,
+  and under a transformation (the checkpoint template's eval_shape) is traced, not compiled."""
+  model = models.create('resnet8', 10)
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  a = model_common.run_once(model.init, jax.random.key(3), x)
+  b = jax.jit(model.init)(jax.random.key(3), x)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+  shapes = jax.eval_shape(lambda k: model_common.run_once(model.init, k, x), jax.random.key(3))
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, a)

@@ -56,6 +56,7 @@ def _tiny_config(dataset):
   # The pruning step's eval in batches of eval_batch_size: the same program as the final eval.
   c.prune.finetune_epochs, c.prune.eval_examples = 0.5, 50
   c.report.latency_repeats, c.report.latency_rounds = 1, 1
+  c.train.eval_every_epochs = 1.0  # learning-curve points (checked below)
   return c
 
 
@@ -84,6 +85,20 @@ def test_npz_runs_the_main_job_and_learns(npz_run):
   assert rep['pruned']['test_accuracy'] == pytest.approx(result['pruned']['test_accuracy'])
   assert 0.6 < rep['baseline']['test_accuracy'] <= 0.85  # 4 classes: chance is 0.25
   assert rep['pruned']['flops'] < rep['baseline']['flops'] and len(rep['history']) == 1
+
+
+@SHARED
+def test_learning_curve_points_are_test_evaluations(npz_run):
+  workdir, _, _, _ = npz_run
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  curve = [r for r in records if r['phase'] == 'baseline_curve']
+  assert [r['epoch'] for r in curve] == [1.0, 2.0] and [r['step'] for r in curve] == [16, 32]
+  # The last point is the trained baseline on the whole test split: the baseline's own eval.
+  final = [r for r in records if r['phase'] == 'baseline_eval'][0]
+  assert curve[-1]['test_accuracy'] == final['accuracy']
+  assert curve[-1]['test_loss'] == pytest.approx(final['loss'], rel=1e-6)
+  assert curve[0]['test_accuracy'] != curve[1]['test_accuracy'] or (
+      curve[0]['test_loss'] != curve[1]['test_loss'])
 
 
 @SHARED

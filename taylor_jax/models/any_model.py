@@ -37,6 +37,7 @@ from flax import nnx
 
 from taylor_jax import discovery, masking, resize
 from taylor_jax.groups import ChannelGroup, Path, Slice
+from taylor_jax.models import common as model_common
 
 
 # --- groups at any widths ----------------------------------------------------------------------
@@ -149,9 +150,8 @@ class LinenModel(_Adapter):
                       _found=self.found, **self.options)
 
   def init(self, rng, x) -> dict[str, Any]:
-    # jitted: eager init compiles every initializer op on its own
-    variables = jax.jit(functools.partial(self.module.init, **self._mode(False)))(
-        rng, jnp.asarray(x))
+    variables = model_common.run_once(functools.partial(self.module.init, **self._mode(False)),
+                                      rng, jnp.asarray(x))
     return self._slice_to_widths(jax.tree.map(lambda a: a, dict(variables)))
 
   def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False):

@@ -1,0 +1,187 @@
+"""Converged ResNet-20 baselines on Fashion-MNIST, with their learning curves.
+
+Each run is the main job's baseline config (``configs/fashion_mnist_baseline.py``: SGD momentum
+0.9, lr 0.1, weight decay 5e-4, cosine schedule, batch 128, pad-4 crop + flip) for a budget of
+``E`` epochs, seed ``S``, evaluated on the whole test split after every epoch
+(``train.eval_every_epochs=1``). The budget of the pruning study is read off these curves: the
+smallest budget whose final test accuracy is within ``--within`` (points) of the largest
+budget's, same seed.
+
+  python experiments/converged_baselines.py --runs=15:0,30:0 \\
+      --runs_dir=$HOME/taylor_jax_runs/converged
+
+Resumable (compare_methods.run_main: a finished run is read, an unfinished one resumes from its
+last checkpoint). Writes ``converged_baselines.{csv,md,png}`` under ``--results_dir`` after every
+finished run; a run still going is listed with its last curve point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+
+import compare_methods  # noqa: E402  (run_main: resumable runs with wall-time bookkeeping)
+
+
+def workdir(runs_dir: str, epochs: float, seed: int) -> str:
+  return os.path.join(runs_dir, f'resnet20_e{epochs:g}_s{seed}')
+
+
+def command(epochs: float, seed: int, wd: str, extra: list[str]) -> list[str]:
+  return ['--config=configs/fashion_mnist_baseline.py', f'--workdir={wd}',
+          f'--config.train.epochs={epochs:g}', f'--config.seed={seed}',
+          '--config.train.eval_every_epochs=1', *extra]
+
+
+def curve(wd: str) -> list[dict]:
+  """The ``baseline_curve`` records of a run so far (a resumed run may repeat a step: the last
+  record of each step is kept)."""
+  path = os.path.join(wd, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  by_step = {}
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get('phase') == 'baseline_curve':
+        by_step[r['step']] = r
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def summarise(runs, runs_dir: str, within: float) -> dict:
+  rows, finals = [], {}
+  for epochs, seed in runs:
+    wd = workdir(runs_dir, epochs, seed)
+    points = curve(wd)
+    done = os.path.exists(os.path.join(wd, 'report.json'))
+    for p in points:
+      rows.append({'budget_epochs': epochs, 'seed': seed, 'epoch': round(p['epoch'], 4),
+                   'test_accuracy': p['test_accuracy'], 'test_loss': p['test_loss'],
+                   'wall_s': round(p['wall_s'], 1), 'finished': done})
+    if done:
+      with open(os.path.join(wd, 'report.json')) as f:
+        finals[(epochs, seed)] = json.load(f)['baseline']['test_accuracy']
+  choice = {}
+  for seed in sorted({s for _, s in finals}):
+    budgets = sorted(e for e, s in finals if s == seed)
+    if len(budgets) >= 2:
+      best = finals[(budgets[-1], seed)]
+      choice[seed] = next(e for e in budgets if finals[(e, seed)] >= best - within / 100)
+  return {'rows': rows, 'finals': finals, 'choice': choice}
+
+
+def markdown(summary, runs, runs_dir, within, cmd) -> str:
+  finals = summary['finals']
+  lines = ['# Converged ResNet-20 baselines (Fashion-MNIST)', '',
+           f'Command: `{cmd}`', '',
+           'Recipe: configs/fashion_mnist_baseline.py (SGD 0.9, lr 0.1 cosine, wd 5e-4, batch '
+           '128, pad-4 crop + flip); test accuracy on the 10,000 test images after every epoch.',
+           '', '| budget (epochs) | seed | final test accuracy | best epoch (accuracy) | wall |',
+           '|---|---|---|---|---|']
+  for epochs, seed in runs:
+    pts = [r for r in summary['rows'] if r['budget_epochs'] == epochs and r['seed'] == seed]
+    if not pts:
+      lines.append(f'| {epochs:g} | {seed} | not started | | |')
+      continue
+    best = max(pts, key=lambda r: r['test_accuracy'])
+    final = finals.get((epochs, seed))
+    state = (f'{100 * final:.2f}%' if final is not None else
+             f'running: epoch {pts[-1]["epoch"]:g}, {100 * pts[-1]["test_accuracy"]:.2f}%')
+    lines.append(f'| {epochs:g} | {seed} | {state} | {best["epoch"]:g} '
+                 f'({100 * best["test_accuracy"]:.2f}%) | {pts[-1]["wall_s"] / 60:.0f} min |')
+  by_budget = {}
+  for (e, _), a in finals.items():
+    by_budget.setdefault(e, []).append(a)
+  if by_budget:
+    lines += ['', '| budget | seeds | mean | spread (sd) |', '|---|---|---|---|']
+    for e in sorted(by_budget):
+      a = by_budget[e]
+      sd = statistics.stdev(a) if len(a) > 1 else float('nan')
+      lines.append(f'| {e:g} | {len(a)} | {100 * statistics.mean(a):.2f}% | '
+                   f'{100 * sd:.2f} |')
+  lines += ['', f'Rule: the smallest budget whose final accuracy is within {within} points of the '
+            'largest budget\'s (same seed).']
+  for seed, e in summary['choice'].items():
+    lines.append(f'- seed {seed}: **{e:g} epochs**')
+  if not summary['choice']:
+    lines.append('- not decided yet (needs two finished budgets of one seed)')
+  lines += ['', f'Workdirs: `{runs_dir}/resnet20_e<E>_s<S>` (not committed); curves: '
+            'converged_baselines.csv / .png.']
+  return '\n'.join(lines) + '\n'
+
+
+def plot(summary, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  keys = sorted({(r['budget_epochs'], r['seed']) for r in summary['rows']})
+  for e, s in keys:
+    pts = [r for r in summary['rows'] if (r['budget_epochs'], r['seed']) == (e, s)]
+    ax.plot([r['epoch'] for r in pts], [100 * r['test_accuracy'] for r in pts], '.-',
+            label=f'{e:g}-epoch cosine, seed {s}')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_ylim(80, 95)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  ax.set_title('ResNet-20, Fashion-MNIST: test accuracy during training')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(summary, runs, args, cmd) -> None:
+  os.makedirs(args.results_dir, exist_ok=True)
+  base = os.path.join(args.results_dir, 'converged_baselines')
+  with open(base + '.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, ['budget_epochs', 'seed', 'epoch', 'test_accuracy', 'test_loss',
+                           'wall_s', 'finished'])
+    w.writeheader()
+    w.writerows(summary['rows'])
+  with open(base + '.md', 'w') as f:
+    f.write(markdown(summary, runs, args.runs_dir, args.within, cmd))
+  if summary['rows']:
+    plot(summary, base + '.png')
+
+
+def parse_runs(spec: str) -> list[tuple[float, int]]:
+  out = []
+  for item in spec.split(','):
+    e, s = item.split(':')
+    out.append((float(e), int(s)))
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--runs', default='15:0,30:0', help='budget_epochs:seed,...')
+  p.add_argument('--within', type=float, default=0.3, help='points of test accuracy')
+  p.add_argument('--runs_dir', default=os.path.expanduser('~/taylor_jax_runs/converged'))
+  p.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
+  p.add_argument('--summarise_only', action='store_true', help='write the results, run nothing')
+  args, extra = p.parse_known_args(argv)
+  extra = [e for e in extra if e != '--']
+  cmd = shlex.join(['python', 'experiments/converged_baselines.py',
+                    *(argv if argv is not None else sys.argv[1:])])
+  runs = parse_runs(args.runs)
+  os.makedirs(args.runs_dir, exist_ok=True)
+  with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
+    for epochs, seed in runs:
+      if not args.summarise_only:
+        wd = workdir(args.runs_dir, epochs, seed)
+        compare_methods.run_main(command(epochs, seed, wd, extra), wd, log)
+      write(summarise(runs, args.runs_dir, args.within), runs, args, cmd)
+  print(open(os.path.join(args.results_dir, 'converged_baselines.md')).read())
+
+
+if __name__ == '__main__':
+  main()
