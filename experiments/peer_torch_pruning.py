@@ -1,0 +1,305 @@
+"""Torch-Pruning side by side with taylor_jax, from identical weights and data (issue 15).
+
+For taylor_jax pruning runs of one baseline (main-job workdirs started with
+``train.init_checkpoint=BASELINE``, e.g. compare_methods.py's ``taylor_fo_bn_r40_s0``), this:
+
+1. converts the baseline to the PyTorch twin (``experiments/torch_cifar_resnet.py``) and stops
+   unless its logits on 1,000 test images agree with JAX's within 1e-4;
+2. prunes the twin with Torch-Pruning (``MetaPruner``, global) at the JAX run's rate
+   (``prune_per_iteration`` units every ``prune.frequency`` SGD steps at ``prune.learning_rate``)
+   in ``--finer`` times smaller steps (the gradient of the last minibatch before a step feeds
+   the Taylor importance), until its MACs (``costs.flops`` of the twin's widths: the count
+   taylor_jax reports) reach the JAX run's; the optimizer is rebuilt after each step (its
+   momentum is lost: Torch-Pruning replaces the pruned parameters);
+3. fine-tunes with the run's fine-tuning optimizer and cosine schedule for as many SGD steps as
+   the JAX run took from the baseline in all (pruning periods + fine-tuning), on the same batches
+   (taylor_jax's input pipeline: same seed, order, crops and flips);
+4. reports test accuracy, MACs, parameters, batch-64 latency (torch at the best of 1 and 2
+   threads; JAX's networks timed in turn with ``costs.compare_latency``), latency cut per MACs
+   cut, and wall times of pruning and fine-tuning.
+
+  .venv/bin/pip install -r requirements-bench.txt
+  PYTHONPATH=. .venv/bin/python experiments/peer_torch_pruning.py RUN_DIR [RUN_DIR ...] \\
+      [--importances=taylor,magnitude,bn_scale] [--out=experiments/results/peer_torch_pruning]
+
+Writes ``<out>.csv`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+
+import torch_pruning as tp  # noqa: E402
+
+import torch_cifar_resnet  # noqa: E402
+from taylor_jax import costs, run  # noqa: E402
+from taylor_jax.data import input_pipeline  # noqa: E402
+
+IMPORTANCES = {'taylor': tp.importance.GroupTaylorImportance,
+               'magnitude': tp.importance.GroupMagnitudeImportance,
+               'bn_scale': tp.importance.BNScaleImportance}
+
+
+def _nchw(x) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def widths_of(net: torch_cifar_resnet.CifarResNet, blocks_per_stage: int) -> dict[str, int]:
+  """The zoo's group widths of a (pruned) twin."""
+  w, i = {'stage1': net.stem[0].out_channels}, 0
+  for s in (1, 2, 3):
+    for b in range(blocks_per_stage):
+      w[f'stage{s}.block{b}'] = net.blocks[i].conv1.out_channels
+      w[f'stage{s}'] = net.blocks[i].conv2.out_channels
+      i += 1
+  return w
+
+
+def splits(c, meta):
+  kw = dict(data_dir=c.data_dir, mean=meta.get('data_mean'), std=meta.get('data_std'),
+            process_index=0, process_count=1)
+  train = input_pipeline.create_split(
+      c.dataset, 'train', batch_size=c.train.batch_size, train=True, seed=c.seed,
+      augment=c.train.augment, crop_pad=c.train.crop_pad, limit=c.train.limit_examples, **kw)
+  test = input_pipeline.create_split(
+      c.dataset, 'test', batch_size=c.train.eval_batch_size, train=False, seed=c.seed,
+      limit=c.train.limit_eval_examples, **kw)
+  return train, test
+
+
+def batches_from(split, step: int):
+  """The run's minibatches from global step ``step`` on (run._Job.batches_from's order)."""
+  epoch, k = divmod(step, split.steps_per_epoch)
+  while True:
+    yield from split.batches(epoch, k)
+    epoch, k = epoch + 1, 0
+
+
+def accuracy(net, test) -> float:
+  net.eval()
+  correct = total = 0.0
+  with torch.no_grad():
+    for b in test.batches(0):
+      w = np.asarray(b['weight'])
+      pred = net(_nchw(b['image'])).argmax(1).numpy()
+      correct += float(((pred == np.asarray(b['label'])) * w).sum())
+      total += float(w.sum())
+  return correct / total
+
+
+def check_conversion(model, variables, net, test, tol: float = 1e-4) -> float:
+  import jax
+  f = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  worst, seen = 0.0, 0
+  net.eval()
+  for b in test.batches(0):
+    with torch.no_grad():
+      got = net(_nchw(b['image'])).numpy()
+    worst = max(worst, float(np.abs(got - np.asarray(f(variables, b['image']))).max()))
+    seen += len(got)
+    if seen >= 1000:
+      break
+  if worst > tol:
+    raise SystemExit(f'the PyTorch twin differs from the JAX baseline by {worst:.2e} > {tol}')
+  return worst
+
+
+def sgd(net, lr, c):
+  return torch.optim.SGD(net.parameters(), lr=lr, momentum=c.optim.momentum,
+                         weight_decay=c.optim.weight_decay,
+                         nesterov=bool(c.optim.get('nesterov', False)))
+
+
+def train_steps(net, opt, it, n, sched=None, after_step=None):
+  """``n`` SGD steps on the next minibatches of ``it``; ``after_step(k)`` runs after step ``k``
+  with its gradients still in place, and returns a new optimizer when it pruned (Torch-Pruning
+  replaces the pruned parameters: the old optimizer, momentum included, no longer holds them)."""
+  net.train()
+  for k in range(n):
+    b = next(it)
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(_nchw(b['image'])),
+                                             torch.from_numpy(np.asarray(b['label'])).long())
+    loss.backward()
+    opt.step()
+    if sched is not None:
+      sched.step()
+    if after_step is not None:
+      opt = after_step(k) or opt
+  return opt
+
+
+def torch_latency_ms(net, input_shape, batch=64, repeats=20) -> dict[int, float]:
+  x = torch.randn(batch, input_shape[2], input_shape[0], input_shape[1])
+  out = {}
+  net.eval()
+  for threads in (1, 2):
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+      for _ in range(3):
+        net(x)
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        net(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    out[threads] = float(np.median(times))
+  torch.set_num_threads(2)
+  return out
+
+
+def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> dict:
+  with open(os.path.join(run_dir, 'report.json')) as f:
+    rep = json.load(f)
+  import ml_collections
+  c = ml_collections.ConfigDict(rep['config'])
+  base_dir = c.train.init_checkpoint
+  model, state, meta = run.restore(base_dir)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  shape = tuple(meta['input_shape'])
+  train, test = splits(c, meta)
+  net = torch_cifar_resnet.from_jax(model, variables)
+  diff = check_conversion(model, variables, net, test)
+  full_macs = costs.flops(model, shape)
+  target = rep['pruned']['flops']
+  base_step = rep['baseline']['step']
+  total_steps = rep['pruned']['step'] - base_step
+  it = batches_from(train, base_step)
+
+  # Pruning: a Torch-Pruning step after every `frequency` SGD steps, until the JAX run's MACs.
+  torch.manual_seed(c.seed)
+  # Torch-Pruning removes units at the JAX run's rate (prune_per_iteration every frequency
+  # steps) in `finer` times smaller steps, so that it stops within a small step of the MACs.
+  period = max(1, c.prune.frequency // finer)
+  if iterative_steps is None:
+    units = sum(model.widths[g.name] for g in model.groups() if g.prunable)
+    iterative_steps = max(1, round(0.9 * units / c.prune.prune_per_iteration * c.prune.frequency
+                                   / period))
+  pruner = tp.pruner.MetaPruner(net, torch.zeros((1, shape[2], shape[0], shape[1])),
+                                importance=IMPORTANCES[importance](), global_pruning=True,
+                                pruning_ratio=0.9, iterative_steps=iterative_steps,
+                                ignored_layers=[net.head])
+  macs, steps = [full_macs], [0]
+
+  def after_step(k):
+    steps[0] += 1
+    if (k + 1) % period or macs[-1] <= target:
+      return None
+    pruner.step()  # Taylor: this minibatch's gradients (still in .grad) times the weights
+    macs.append(costs.flops(model.clone(widths=widths_of(net, model.blocks_per_stage)), shape))
+    return sgd(net, c.prune.learning_rate, c)
+
+  t0 = time.time()
+  opt = sgd(net, c.prune.learning_rate, c)
+  while (macs[-1] > target and steps[0] < total_steps and
+         pruner.current_step < iterative_steps):
+    opt = train_steps(net, opt, it, period, after_step=after_step)
+  prune_steps, prune_wall = steps[0], time.time() - t0
+
+  # Fine-tuning: the rest of the JAX run's SGD steps, its fine-tuning lr with a cosine schedule.
+  n_ft = max(total_steps - prune_steps, 0)
+  opt = sgd(net, c.prune.finetune_learning_rate, c)
+  sched = torch.optim.lr_scheduler.LambdaLR(
+      opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, n_ft) / max(n_ft, 1))))
+  t0 = time.time()
+  train_steps(net, opt, it, n_ft, sched=sched)
+  ft_wall = time.time() - t0
+
+  full_net = torch_cifar_resnet.from_jax(model, variables)
+  lat_full, lat_small = torch_latency_ms(full_net, shape), torch_latency_ms(net, shape)
+  best = min((1, 2), key=lambda t: lat_full[t] + lat_small[t])
+  small_model, small_state, _ = run.restore(run_dir)
+  jax_lat = costs.compare_latency(
+      {'full': (model, variables, None),
+       'pruned': (small_model, {'params': small_state.params,
+                                'batch_stats': small_state.batch_stats}, None)},
+      64, shape, repeats=20, rounds=3)
+  jax_cut = 1 - jax_lat['pruned']['median'] / jax_lat['full']['median']
+  torch_cut = 1 - lat_small[best] / lat_full[best]
+  jm, tm = 1 - target / full_macs, 1 - macs[-1] / full_macs
+  return {
+      'run': os.path.basename(run_dir.rstrip('/')), 'importance': importance,
+      'conversion_max_logit_diff': diff,
+      'jax_accuracy': rep['pruned']['test_accuracy'], 'torch_accuracy': accuracy(net, test),
+      'baseline_accuracy': rep['baseline']['test_accuracy'],
+      'jax_macs_cut': jm, 'torch_macs_cut': tm,
+      'jax_params': rep['pruned']['params'],
+      'torch_params': int(sum(p.numel() for p in net.parameters())),
+      'jax_latency_cut_per_macs_cut': jax_cut / jm, 'torch_latency_cut_per_macs_cut': torch_cut / tm,
+      'torch_threads': best, 'torch_iterative_steps': iterative_steps,
+      'jax_sgd_steps': total_steps,
+      'torch_sgd_steps': prune_steps + n_ft, 'torch_prune_steps': len(macs) - 1,
+      'jax_prune_wall_s': rep['timing']['prune_wall_s'],
+      'jax_finetune_wall_s': rep['timing']['finetune_wall_s'],
+      'torch_prune_wall_s': prune_wall, 'torch_finetune_wall_s': ft_wall,
+      'jax_widths': rep['pruned']['widths'],
+      'torch_widths': widths_of(net, model.blocks_per_stage)}
+
+
+def markdown(rows, cmd) -> str:
+  lines = ['# taylor_jax and Torch-Pruning from identical weights', '', f'Command: `{cmd}`', '',
+           '| run | TP importance | acc JAX | acc TP | MACs cut JAX / TP | params JAX / TP | '
+           'latency cut / MACs cut JAX / TP | SGD steps JAX / TP | wall prune+ft JAX / TP (s) |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['run']} | {r['importance']} | {100 * r['jax_accuracy']:.2f} | "
+        f"{100 * r['torch_accuracy']:.2f} | {100 * r['jax_macs_cut']:.1f}% / "
+        f"{100 * r['torch_macs_cut']:.1f}% | {r['jax_params']:,} / {r['torch_params']:,} | "
+        f"{r['jax_latency_cut_per_macs_cut']:.2f} / {r['torch_latency_cut_per_macs_cut']:.2f} | "
+        f"{r['jax_sgd_steps']} / {r['torch_sgd_steps']} | "
+        f"{r['jax_prune_wall_s'] + r['jax_finetune_wall_s']:.0f} / "
+        f"{r['torch_prune_wall_s'] + r['torch_finetune_wall_s']:.0f} |")
+  lines += ['', 'MACs of both frameworks counted by `taylor_jax.costs.flops` of the widths; '
+            'torch latency at its best thread count (1 or 2); the twin\'s logits agree with '
+            'JAX\'s within 1e-4 before anything runs (per row: conversion_max_logit_diff in '
+            'the csv); widths per row in the csv.']
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('runs', nargs='+')
+  p.add_argument('--importances', default='taylor,magnitude,bn_scale')
+  p.add_argument('--iterative_steps', type=int, default=None,
+                 help='Torch-Pruning steps to a 90%% channel ratio (default: each step removes '
+                      'about as many channels as the JAX run\'s prune.prune_per_iteration)')
+  p.add_argument('--finer', type=int, default=4,
+                 help='Torch-Pruning steps per JAX pruning period (same units per SGD step)')
+  p.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
+                                               'peer_torch_pruning'))
+  args = p.parse_args(argv)
+  cmd = shlex.join(['python', 'experiments/peer_torch_pruning.py',
+                    *(argv if argv is not None else sys.argv[1:])])
+  torch.set_num_threads(2)
+  rows = []
+  for run_dir in args.runs:
+    for imp in args.importances.split(','):
+      rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer))
+      print(json.dumps(rows[-1]), flush=True)
+  with open(args.out + '.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, list(rows[0]))
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+  with open(args.out + '.md', 'w') as f:
+    f.write(markdown(rows, cmd))
+  print(markdown(rows, cmd))
+
+
+if __name__ == '__main__':
+  main()
