@@ -143,21 +143,30 @@ def train_steps(net, opt, it, n, sched=None, after_step=None):
   return opt
 
 
-def torch_latency_ms(net, input_shape, batch=64, repeats=20) -> dict[int, float]:
+def torch_latencies(nets: dict, input_shape, batch=64, repeats=20, rounds=5) -> dict:
+  """``{threads: {name: ms}}`` of eval forward passes of ``batch`` images, for 1 and 2 threads:
+  the networks timed in turn, round after round (as costs.compare_latency), each network's
+  median in its least disturbed round."""
   x = torch.randn(batch, input_shape[2], input_shape[0], input_shape[1])
   out = {}
-  net.eval()
+  for net in nets.values():
+    net.eval()
   for threads in (1, 2):
     torch.set_num_threads(threads)
+    medians = {name: [] for name in nets}
     with torch.no_grad():
-      for _ in range(3):
-        net(x)
-      times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        net(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    out[threads] = float(np.median(times))
+      for net in nets.values():
+        for _ in range(3):
+          net(x)
+      for _ in range(rounds):
+        for name, net in nets.items():
+          times = []
+          for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+          medians[name].append(float(np.median(times)))
+    out[threads] = {name: min(m) for name, m in medians.items()}
   torch.set_num_threads(2)
   return out
 
@@ -220,8 +229,8 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
   ft_wall = time.time() - t0
 
   full_net = torch_cifar_resnet.from_jax(model, variables)
-  lat_full, lat_small = torch_latency_ms(full_net, shape), torch_latency_ms(net, shape)
-  best = min((1, 2), key=lambda t: lat_full[t] + lat_small[t])
+  lat = torch_latencies({'full': full_net, 'pruned': net}, shape)
+  best = min((1, 2), key=lambda t: lat[t]['full'] + lat[t]['pruned'])
   small_model, small_state, _ = run.restore(run_dir)
   jax_lat = costs.compare_latency(
       {'full': (model, variables, None),
@@ -229,7 +238,7 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
                                 'batch_stats': small_state.batch_stats}, None)},
       64, shape, repeats=20, rounds=3)
   jax_cut = 1 - jax_lat['pruned']['median'] / jax_lat['full']['median']
-  torch_cut = 1 - lat_small[best] / lat_full[best]
+  torch_cut = 1 - lat[best]['pruned'] / lat[best]['full']
   jm, tm = 1 - target / full_macs, 1 - macs[-1] / full_macs
   return {
       'run': os.path.basename(run_dir.rstrip('/')), 'importance': importance,
@@ -240,6 +249,8 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
       'jax_params': rep['pruned']['params'],
       'torch_params': int(sum(p.numel() for p in net.parameters())),
       'jax_latency_cut_per_macs_cut': jax_cut / jm, 'torch_latency_cut_per_macs_cut': torch_cut / tm,
+      'jax_latency_ms_b64': [jax_lat['full']['median'], jax_lat['pruned']['median']],
+      'torch_latency_ms_b64': [lat[best]['full'], lat[best]['pruned']],
       'torch_threads': best, 'torch_iterative_steps': iterative_steps,
       'jax_sgd_steps': total_steps,
       'torch_sgd_steps': prune_steps + n_ft, 'torch_prune_steps': len(macs) - 1,
