@@ -291,7 +291,7 @@ RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_s
 
 # Fields added after runs were saved, with the value that does what those runs did: a saved
 # config without them resumes as if it had them at these values.
-ADDED_LATER = {'data_mean': None, 'data_std': None, 'train.eval_every_epochs': 0.0}
+ADDED_LATER = {'data_mean': None, 'data_std': None}
 
 
 def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:

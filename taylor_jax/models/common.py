@@ -27,18 +27,20 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-# XLA options for a program that runs once: LLVM's optimisation passes cost seconds per program
-# on CPU and win microseconds on one run (ResNet-8 ``init``: 5.2 s to compile, 3 ms to run at the
-# default level; 1.0 s and 14 ms unoptimised; experiments/README.md "Compile time").
+# XLA options for a program that runs once: on CPU, LLVM's optimisation passes cost seconds per
+# program and win milliseconds on one run (ResNet-8 ``init``: 4.0 s to compile and 1 ms to run
+# at XLA's default level, 0.9 s and 6 ms unoptimised: experiments/bench_compile_once.py).
 _RUN_ONCE_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def run_once(fn, *args):
-  """``fn(*args)``, jitted and compiled without LLVM optimisation: for initialisation and
+  """``fn(*args)``, jitted; on CPU compiled without LLVM optimisation: for initialisation and
   one-off checks, never for a step that runs in a loop. ``args``: pytrees of arrays (traced,
   e.g. under ``jax.eval_shape``: ``fn`` is traced along)."""
   if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
     return fn(*args)
+  if jax.default_backend() != 'cpu':  # measured on CPU only; elsewhere XLA's defaults
+    return jax.jit(fn)(*args)
   return jax.jit(fn).lower(*args).compile(compiler_options=_RUN_ONCE_OPTIONS)(*args)
 
 
