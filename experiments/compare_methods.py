@@ -24,6 +24,15 @@ The full comparison (about 2 CPU-days on the 2-core machine at ~300 images/s; fe
 
   python experiments/compare_methods.py --epochs=15 --finetune_epochs=3
 
+Variants of a method are tokens ``METHOD+key=value+...`` (config overrides of that method's runs
+only) and ``estimator/NAME`` is the Taylor engine (``taylor_fo_bn``'s config) with another
+registered estimator; e.g. the criteria and stream normalisations on converged baselines
+(experiments/converged_baselines.py) written to their own results::
+
+  python experiments/compare_methods.py --baseline_dir='~/taylor_jax_runs/converged/resnet20_e15_s{seed}' \\
+      --epochs=15 --methods=taylor_fo_bn,estimator/weight_l2,estimator/bn_scale,estimator/random \\
+      --reductions=0.25,0.4,0.6 --seeds=0 --results_name=methods_converged
+
 A smoke run::
 
   python experiments/compare_methods.py --methods=snip --reductions=0.4 --seeds=0 --epochs=0.1 \\
@@ -53,22 +62,48 @@ COLUMNS = ('method', 'flops_reduction', 'seed', 'test_accuracy', 'params', 'flop
            'latency_ms_b64', 'wall_s')
 
 
+def parse_method(token: str) -> tuple[str, list[str]]:
+  """``(config method, extra flags)`` of a method token: ``taylor_fo_bn``,
+  ``taylor_fo_bn+prune.normalize=l2`` (overrides for this method's runs) or
+  ``estimator/weight_l2`` (the Taylor engine with another registered estimator)."""
+  base, *overrides = token.split('+')
+  flags = [f'--config.{o}' for o in overrides]
+  if base.startswith('estimator/'):
+    flags.insert(0, f'--config.prune.estimator={base.split("/", 1)[1]}')
+    base = 'taylor_fo_bn'
+  for o in overrides:
+    if '=' not in o:
+      raise ValueError(f'method {token!r}: override {o!r} is not key=value')
+  return base, flags
+
+
 def available_methods(requested):
   """``requested`` without the methods that have no config or registration here."""
+  from taylor_jax import estimators
   from taylor_jax import methods as registry
   names = set(registry.names())
   out = []
-  for m in requested:
+  for token in requested:
+    m, flags = parse_method(token)
     registered = m in names or m in ('taylor_fo_bn', 'bn_scale_grad')
+    est = [f.split('=', 1)[1] for f in flags if f.startswith('--config.prune.estimator=')]
+    if est and est[0] not in estimators.names():
+      raise ValueError(f'method {token!r}: no estimator {est[0]!r}; registered: '
+                       f'{estimators.names()}')
     if registered and os.path.exists(os.path.join(ROOT, config_path(m))):
-      out.append(m)
+      out.append(token)
     else:
-      print(f'skipping {m}: not registered or no {config_path(m)}', file=sys.stderr)
+      print(f'skipping {token}: not registered or no {config_path(m)}', file=sys.stderr)
   return out
 
 
 def config_path(method: str) -> str:
   return f'configs/fashion_mnist_resnet20_{method}.py'
+
+
+def run_name(token: str) -> str:
+  """A workdir name for a method token (``/`` and ``=`` are not safe in every shell use)."""
+  return token.replace('/', '-').replace('+', '_').replace('=', '-')
 
 
 def common_flags(args, seed: int) -> list[str]:
@@ -87,10 +122,11 @@ def baseline_command(args, seed: int, workdir: str) -> list[str]:
           f'--config.train.epochs={args.epochs}', *common_flags(args, seed)]
 
 
-def method_command(args, method: str, reduction: float, seed: int, workdir: str,
+def method_command(args, token: str, reduction: float, seed: int, workdir: str,
                    baseline_dir: str) -> list[str]:
+  method, extra = parse_method(token)
   cmd = [f'--config={config_path(method)}', f'--workdir={workdir}',
-         f'--config.prune.target_flops_reduction={reduction}', *common_flags(args, seed)]
+         f'--config.prune.target_flops_reduction={reduction}', *common_flags(args, seed), *extra]
   total = args.epochs + args.finetune_epochs
   if method in FROM_TRAINED:
     cmd += [f'--config.train.init_checkpoint={baseline_dir}',
@@ -168,6 +204,17 @@ def _mean_spread(values):
   return statistics.mean(values), statistics.stdev(values)
 
 
+def stream_widths(rows) -> str:
+  """Mean widths of the residual-stream groups (ResNet: ``stageN``, no block in the name) over
+  ``rows``, e.g. ``16/24/48``; the baseline's (no widths recorded) are the full ones."""
+  from taylor_jax import models
+  per_row = [r['_widths'] or models.full_widths(r['_model']) for r in rows]
+  names = sorted(k for k in per_row[0] if k.startswith('stage') and '.' not in k)
+  if not names:
+    return '-'
+  return '/'.join(f'{statistics.mean(w[n] for w in per_row):.0f}' for n in names)
+
+
 def markdown(rows, command: str, args) -> str:
   lines = ['# CVPR\'19 methods on Fashion-MNIST ResNet-20', '',
            f'Command: `{command}`', '',
@@ -179,9 +226,13 @@ def markdown(rows, command: str, args) -> str:
            + ('every width set re-timed after the runs, one after another in one process '
               '(--remeasure_latency; costs.compare_latency: 3 rounds of 30 batch-64 forwards, '
               'the least disturbed round)'
-              if args.remeasure_latency else 'as measured at the end of each run') + '.', '',
+              if args.remeasure_latency else 'as measured at the end of each run') + '.'
+           + ' Residual streams: the widths of the groups that are whole residual streams '
+           '(ResNet: `stageN`).'
+           + (f' Baselines: `{args.baseline_dir}`.' if args.baseline_dir else ''), '',
            '| method | target | seeds | test accuracy (%) | FLOPs reduction (%) | params | '
-           'latency b64 (ms) | wall (s) |', '|---|---|---|---|---|---|---|---|']
+           'residual streams (mean widths) | latency b64 (ms) | wall (s) |',
+           '|---|---|---|---|---|---|---|---|---|']
   keys = sorted({(r['method'], r['flops_reduction']) for r in rows},
                 key=lambda k: (k[1], k[0] != 'baseline', k[0]))
   for method, red in keys:
@@ -192,8 +243,8 @@ def markdown(rows, command: str, args) -> str:
     lat = _mean_spread([r['latency_ms_b64'] for r in rs])
     wall = statistics.mean(r['wall_s'] for r in rs)
     lines.append(f'| {method} | {red:.0%} | {len(rs)} | {acc[0]:.2f} +- {acc[1]:.2f} | '
-                 f'{fr[0]:.1f} +- {fr[1]:.1f} | {par:,.0f} | {lat[0]:.2f} +- {lat[1]:.2f} | '
-                 f'{wall:.0f} |')
+                 f'{fr[0]:.1f} +- {fr[1]:.1f} | {par:,.0f} | {stream_widths(rs)} | '
+                 f'{lat[0]:.2f} +- {lat[1]:.2f} | {wall:.0f} |')
   notes = sorted({f"{r['method']} {r['flops_reduction']:.0%} seed {r['seed']}: {r['_wall_note']}"
                   for r in rows if r.get('_wall_note')})
   if notes:
@@ -244,7 +295,12 @@ def main(argv=None):
   p.add_argument('--remeasure_latency', action='store_true',
                  help='re-time every result\'s widths here, one after another (quiet machine)')
   p.add_argument('--runs_dir', default=os.path.join(ROOT, 'runs', 'compare_methods'))
+  p.add_argument('--baseline_dir', default=None,
+                 help='finished baseline workdirs to start from, with {seed} (e.g. '
+                      'experiments/converged_baselines.py\'s); default: trained in --runs_dir')
   p.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
+  p.add_argument('--results_name', default='methods_comparison',
+                 help='results are written to <results_dir>/<results_name>.{csv,md,png}')
   args = p.parse_args(argv)
   command = shlex.join(['python', 'experiments/compare_methods.py', *(argv or sys.argv[1:])])
   methods = available_methods([m for m in args.methods.split(',') if m])
@@ -252,29 +308,44 @@ def main(argv=None):
   seeds = [int(s) for s in args.seeds.split(',')]
   os.makedirs(args.runs_dir, exist_ok=True)
   os.makedirs(args.results_dir, exist_ok=True)
+  if args.baseline_dir:  # checked before any run starts: a typo must not cost hours
+    for seed in seeds:
+      base = os.path.expanduser(args.baseline_dir.format(seed=seed))
+      if not os.path.exists(os.path.join(base, 'report.json')):
+        raise SystemExit(f'--baseline_dir: {base} has no report.json (finish that baseline '
+                         'first, e.g. with experiments/converged_baselines.py)')
+      with open(os.path.join(base, 'report.json')) as f:
+        epochs = json.load(f)['config']['train']['epochs']
+      if abs(epochs - args.epochs) > 1e-9:
+        raise SystemExit(f'--baseline_dir: {base} was trained {epochs:g} epochs, --epochs='
+                         f'{args.epochs:g}: pass --epochs={epochs:g} (SNIP and variational '
+                         'train from scratch for epochs + finetune_epochs)')
   rows = []
   with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
     for seed in seeds:
-      base = os.path.join(args.runs_dir, f'baseline_s{seed}')
-      if any(m in FROM_TRAINED for m in methods):
+      if args.baseline_dir:
+        base = os.path.expanduser(args.baseline_dir.format(seed=seed))
+      else:
+        base = os.path.join(args.runs_dir, f'baseline_s{seed}')
+      if any(parse_method(m)[0] in FROM_TRAINED for m in methods):
         run_main(baseline_command(args, seed, base), base, log)
         rows.append(row('baseline', 0.0, seed, base, 'baseline'))
       for method in methods:
         for red in reductions:
-          wd = os.path.join(args.runs_dir, f'{method}_r{round(red * 100)}_s{seed}')
+          wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
           run_main(method_command(args, method, red, seed, wd, base), wd, log)
           rows.append(row(method, red, seed, wd, 'pruned'))
   if args.remeasure_latency:
     remeasure_latency(rows)
-  csv_path = os.path.join(args.results_dir, 'methods_comparison.csv')
+  csv_path = os.path.join(args.results_dir, f'{args.results_name}.csv')
   with open(csv_path, 'w', newline='') as f:
     w = csv.DictWriter(f, COLUMNS, extrasaction='ignore')
     w.writeheader()
     w.writerows(rows)
-  with open(os.path.join(args.results_dir, 'methods_comparison.md'), 'w') as f:
+  with open(os.path.join(args.results_dir, f'{args.results_name}.md'), 'w') as f:
     f.write(markdown(rows, command, args))
-  plot(rows, os.path.join(args.results_dir, 'methods_comparison.png'))
-  print(open(os.path.join(args.results_dir, 'methods_comparison.md')).read())
+  plot(rows, os.path.join(args.results_dir, f'{args.results_name}.png'))
+  print(open(os.path.join(args.results_dir, f'{args.results_name}.md')).read())
 
 
 if __name__ == '__main__':

@@ -118,6 +118,9 @@ def baseline_config(path: str, args, seed: int) -> ml_collections.ConfigDict:
 
 
 def workdir_for(args, c: ml_collections.ConfigDict) -> str:
+  if args.baseline_dir:
+    return os.path.expanduser(args.baseline_dir.format(model=c.model, epochs=c.train.epochs,
+                                                       seed=c.seed))
   root = args.workdir_root or os.path.join(ROOT, 'runs', 'oracle_correlation', c.dataset)
   return os.path.join(root, f'{c.model}_e{c.train.epochs:g}_seed{c.seed}')
 
@@ -366,6 +369,10 @@ def parse_args(argv=None):
                        'units')
   ap.add_argument('--chunk_size', type=int, default=64, help='oracle units per compiled call')
   ap.add_argument('--workdir_root', default=None, help='default runs/oracle_correlation/DATASET')
+  ap.add_argument('--baseline_dir', default=None,
+                  help='finished baselines to score instead of training them, a template with '
+                       '{model}, {epochs}, {seed} (e.g. experiments/converged_baselines.py\'s '
+                       '~/taylor_jax_runs/converged/resnet20_e{epochs:g}_s{seed})')
   ap.add_argument('--out', default=RESULTS)
   ap.add_argument('--prefix', default=None)
   return ap.parse_args(argv)
@@ -382,6 +389,13 @@ def main(argv=None) -> dict[str, Any]:
   os.makedirs(args.out, exist_ok=True)
   glob_rows, per_rows, baselines, entries, models_order = [], [], {}, {}, []
   from taylor_jax import scoring
+  if args.baseline_dir:  # before any scoring: a wrong template must not cost an hour
+    for path in configs:
+      for seed in seeds:
+        wd = workdir_for(args, baseline_config(path, args, seed))
+        if not scoring.baseline_done(wd):
+          raise SystemExit(f'--baseline_dir: no finished baseline in {wd} (train it first, '
+                           'e.g. with experiments/converged_baselines.py)')
   for path in configs:
     for seed in seeds:
       c = baseline_config(path, args, seed)

@@ -117,3 +117,46 @@ def test_lenet3_groups_follow_the_input_size():
   check_groups(variables, model.groups())
   assert models.create('resnet8', 10, input_shape=(32, 32, 3)).widths == models.full_widths(
       'resnet8')
+
+
+def test_compare_methods_variant_tokens_become_the_runs_flags():
+  from experiments import compare_methods as cm
+
+  class Args:
+    epochs, finetune_epochs, limit_examples, limit_eval_examples, data_dir, override = (
+        15.0, 3.0, None, None, None, [])
+
+  cmd = cm.method_command(Args, 'estimator/weight_l2', 0.4, 1, '/w', '/base')
+  assert '--config=configs/fashion_mnist_resnet20_taylor_fo_bn.py' in cmd
+  assert '--config.prune.estimator=weight_l2' in cmd
+  assert '--config.train.init_checkpoint=/base' in cmd and '--config.seed=1' in cmd
+  cmd = cm.method_command(Args, 'taylor_fo_bn+prune.normalize=l2+prune.rank_by=score_per_flop',
+                          0.25, 0, '/w', '/base')
+  assert {'--config.prune.normalize=l2', '--config.prune.rank_by=score_per_flop'} <= set(cmd)
+  assert cm.run_name('estimator/random+prune.normalize=l2') == 'estimator-random_prune.normalize-l2'
+  with pytest.raises(ValueError, match='not key=value'):
+    cm.parse_method('taylor_fo_bn+prune.normalize')
+  with pytest.raises(ValueError, match="no estimator 'nope'"):
+    cm.available_methods(['estimator/nope'])
+
+
+def test_compare_methods_refuses_a_missing_or_mismatched_baseline_before_running(tmp_path):
+  from experiments import compare_methods as cm
+  argv = ['--methods=taylor_fo_bn', '--seeds=0', f'--runs_dir={tmp_path}/runs',
+          f'--results_dir={tmp_path}/res', f'--baseline_dir={tmp_path}/base_s{{seed}}']
+  with pytest.raises(SystemExit, match='has no report.json'):
+    cm.main(argv)
+  (tmp_path / 'base_s0').mkdir()
+  (tmp_path / 'base_s0' / 'report.json').write_text('{"config": {"train": {"epochs": 30}}}')
+  with pytest.raises(SystemExit, match='--epochs=30'):
+    cm.main(argv)
+  assert not (tmp_path / 'runs' / 'taylor_fo_bn_r40_s0').exists()
+
+
+def test_oracle_correlation_refuses_a_missing_baseline_before_scoring(tmp_path):
+  argv = ['--seeds=0', '--configs=configs/fashion_mnist_baseline.py', '--epochs=resnet20=15',
+          '--estimators=taylor_fo_bn',
+          f'--baseline_dir={tmp_path}/{{model}}_e{{epochs:g}}_s{{seed}}', f'--out={tmp_path}']
+  with pytest.raises(SystemExit, match=f'{tmp_path}/resnet20_e15_s0'):
+    oracle_correlation.main(argv)
+  assert not list(tmp_path.iterdir())
