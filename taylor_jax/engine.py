@@ -8,7 +8,9 @@ groups without per-layer normalisation. Pruned units score 0 and are never reviv
 
 Constraints the reference lacks: a minimum width per group (default 1: no group is ever emptied),
 a maximum pruned share per group (relative to the unpruned width), and alignment of the kept
-widths to a multiple of ``align`` (GPUs pay for odd channel counts).
+widths to a multiple of ``align`` (GPUs pay for odd channel counts). Alignment is of channel
+counts: a group of attention heads (``kind='heads'``) is never aligned, since each head is
+``head_dim`` channels and any head count keeps the layer's channel count a multiple of them.
 
 Cost-aware ranking (optional, not in the reference): units ranked by score per unit of cost they
 save (FLOPs, or measured milliseconds as HALP does), the greedy rule of a knapsack whose budget is
@@ -43,12 +45,24 @@ class Constraints:
     if self.align < 1:
       raise ValueError(f'prune.align={self.align}: must be >= 1')
 
-  def min_kept(self, full_width: int) -> int:
-    """Fewest units a group of unpruned width ``full_width`` may keep."""
+  def align_of(self, group: ChannelGroup) -> int:
+    """The alignment of ``group``'s kept width: ``align``, or 1 for attention heads (a head is
+    ``head_dim`` channels: aligning head counts to a channel multiple would freeze a 4-head
+    layer at ``align=4``)."""
+    return 1 if group.kind == 'heads' else self.align
+
+  def min_kept(self, full_width: int, align: Optional[int] = None) -> int:
+    """Fewest units a group of unpruned width ``full_width`` may keep (``align``: the group's,
+    :meth:`align_of`; default ``self.align``)."""
+    align = self.align if align is None else align
     floor = max(self.min_width, math.ceil(full_width * (1.0 - self.max_share) - 1e-9))
-    if self.align > 1 and full_width >= self.align:
-      floor = math.ceil(floor / self.align) * self.align
+    if align > 1 and full_width >= align:
+      floor = math.ceil(floor / align) * align
     return min(full_width, floor)
+
+  def floor_of(self, group: ChannelGroup, full_width: int) -> int:
+    """Fewest units ``group`` (unpruned width ``full_width``) may keep."""
+    return self.min_kept(full_width, self.align_of(group))
 
 
 def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
@@ -74,13 +88,15 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
   return out
 
 
-def width_grid(full_width: int, constraints: Constraints, max_points: int = 8) -> list[int]:
-  """The widths a group can reach, for cost tables: every multiple of ``align`` from the
-  smallest allowed width up (aligned groups), else at most ``max_points`` evenly spaced ones;
-  ``full_width`` always included."""
-  lo = constraints.min_kept(full_width)
-  if constraints.align > 1 and full_width >= constraints.align:
-    return sorted(set(range(lo, full_width + 1, constraints.align)) | {full_width})
+def width_grid(full_width: int, constraints: Constraints, max_points: int = 8,
+               align: Optional[int] = None) -> list[int]:
+  """The widths a group can reach, for cost tables: every multiple of ``align`` (the group's,
+  default ``constraints.align``) from the smallest allowed width up (aligned groups), else at
+  most ``max_points`` evenly spaced ones; ``full_width`` always included."""
+  align = constraints.align if align is None else align
+  lo = constraints.min_kept(full_width, align)
+  if align > 1 and full_width >= align:
+    return sorted(set(range(lo, full_width + 1, align)) | {full_width})
   return sorted({int(round(w)) for w in np.linspace(lo, full_width, max(2, max_points))})
 
 
@@ -96,7 +112,8 @@ def _chunk_candidates(scores, order, taken, full_widths, floor, k,
   out = []
   for name, units in order.items():
     width = units.size - taken[name]
-    chunk = 1 if (k <= 1 or full_widths[name] < k) else (width % k or k)
+    kg = k[name]
+    chunk = 1 if (kg <= 1 or full_widths[name] < kg) else (width % kg or kg)
     if width - chunk < floor[name]:
       continue
     mean = float(np.mean(np.asarray(scores[name], np.float64)[
@@ -143,8 +160,8 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
 
   ``unit_cost``: rank chunks by mean score per unit of cost saved instead (see module doc).
   """
-  floor = {g.name: constraints.min_kept(full_widths[g.name]) for g in groups}
-  k = constraints.align
+  floor = {g.name: constraints.floor_of(g, full_widths[g.name]) for g in groups}
+  k = {g.name: constraints.align_of(g) for g in groups}
   # Per prunable group: its live units in increasing score order, and how many are gone.
   order = {}
   for g in groups:
@@ -204,7 +221,7 @@ def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
 def removable_units(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int],
                     masks: Mapping[str, Any], constraints: Constraints) -> int:
   """How many more units the constraints allow removing."""
-  return sum(max(0, int(np.asarray(masks[g.name]).sum()) - constraints.min_kept(full_widths[g.name]))
+  return sum(max(0, int(np.asarray(masks[g.name]).sum()) - constraints.floor_of(g, full_widths[g.name]))
              for g in groups if g.prunable)
 
 
@@ -214,7 +231,7 @@ def minimal_masks(groups: Sequence[ChannelGroup], full_widths: Mapping[str, int]
   out = {}
   for g in groups:
     m = np.zeros(g.width, np.float32)
-    m[:constraints.min_kept(full_widths[g.name]) if g.prunable else g.width] = 1.0
+    m[:constraints.floor_of(g, full_widths[g.name]) if g.prunable else g.width] = 1.0
     out[g.name] = m
   return out
 

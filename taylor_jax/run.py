@@ -93,9 +93,10 @@ def _check_compatible(meta: dict[str, Any], config: ml_collections.ConfigDict, w
 
 def _check_align(groups, full_widths, align: int) -> None:
   """Refuses an alignment wider than a prunable group: such a group could only be pruned unit by
-  unit (engine.Constraints), i.e. its widths would not be aligned at all."""
+  unit (engine.Constraints), i.e. its widths would not be aligned at all. Attention heads are not
+  aligned (engine.Constraints.align_of)."""
   narrow = [(g.name, full_widths[g.name]) for g in groups
-            if g.prunable and full_widths[g.name] < align]
+            if g.prunable and g.kind != 'heads' and full_widths[g.name] < align]
   if align > 1 and narrow:
     listed = ', '.join(f'{n!r} ({w} units)' for n, w in narrow[:8])
     more = f' and {len(narrow) - 8} more' if len(narrow) > 8 else ''
@@ -140,7 +141,8 @@ def _latency_table(job) -> dict[str, dict[str, float]]:
   """``{group: {str(width): ms}}`` (JSON keys) of the current model, batch-64 latency with one
   group at a time at each width up to its current one that the constraints let it reach
   (costs.latency_table)."""
-  grid = {g.name: [w for w in engine.width_grid(job.full_widths[g.name], job.constraints)
+  grid = {g.name: [w for w in engine.width_grid(job.full_widths[g.name], job.constraints,
+                                                align=job.constraints.align_of(g))
                    if w <= job.widths[g.name]]
           for g in job.groups if g.prunable}
   rep = job.config.report

@@ -111,6 +111,28 @@ def test_min_kept_respects_every_constraint():
     engine.Constraints(min_width=0)
 
 
+def test_attention_heads_are_pruned_one_head_at_a_time_under_channel_alignment():
+  # A 4-head group under align=4 would otherwise be frozen (its only aligned widths: 4 and 0).
+  import dataclasses
+  heads = engine.ChannelGroup('attn[1]', 4, (), kind='heads', gate='')
+  mlp = engine.ChannelGroup('mlp', 12, (), kind='neuron', gate='')
+  groups, widths = (heads, mlp), {'attn[1]': 4, 'mlp': 12}
+  c = engine.Constraints(align=4)
+  assert (c.align_of(heads), c.align_of(mlp)) == (1, 4)
+  assert (c.floor_of(heads, 4), c.floor_of(mlp, 12)) == (1, 4)
+  scores = {'attn[1]': np.array([0.1, 5., 6., 7.]), 'mlp': np.linspace(1., 2., 12)}
+  new = engine.prune_lowest(scores, _ones(widths), groups, widths, 1, c)
+  assert new['attn[1]'].tolist() == [0, 1, 1, 1] and new['mlp'].all()
+  new = engine.prune_lowest(scores, new, groups, widths, 3, c)  # mlp goes in chunks of 4
+  assert new['attn[1]'].sum() == 3 and new['mlp'].sum() == 8
+  assert engine.width_grid(4, c, align=c.align_of(heads)) == [1, 2, 3, 4]
+  assert engine.minimal_masks(groups, widths, c)['attn[1]'].sum() == 1
+  assert engine.removable_units(groups, widths, _ones(widths), c) == 3 + 8
+  # the same group as channels is aligned: 4 units under align=4 cannot be pruned
+  chan = dataclasses.replace(heads, kind='channel')
+  assert engine.removable_units((chan, mlp), widths, _ones(widths), c) == 8
+
+
 _FLOPS_BY_WIDTHS: dict = {}
 
 

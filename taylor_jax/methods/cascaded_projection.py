@@ -213,7 +213,8 @@ def ranks_at(knob: float, groups: Sequence[ChannelGroup], constraints, rule: str
       e = np.asarray(energies[g.name], np.float64)
       share = np.cumsum(e) / max(e.sum(), 1e-30)
       want = 1 + int(np.searchsorted(share, knob - 1e-12)) if knob > 0 else 0
-    out[g.name] = max(_align_up(want, constraints.align, g.width), constraints.min_kept(g.width))
+    out[g.name] = max(_align_up(want, constraints.align_of(g), g.width),
+                      constraints.floor_of(g, g.width))
   return out
 
 

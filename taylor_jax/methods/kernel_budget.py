@@ -28,7 +28,7 @@ the statistics of the group's filters, then a within-group criterion picks which
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -116,7 +116,7 @@ def group_redundancy(groups: Sequence[ChannelGroup], variables: Mapping[str, Any
 
 def allocate_budgets(redundancy: Mapping[str, float], live: Mapping[str, int],
                      full_widths: Mapping[str, int], constraints: engine.Constraints,
-                     total: int) -> dict[str, int]:
+                     total: int, aligns: Optional[Mapping[str, int]] = None) -> dict[str, int]:
   """Units each group loses so that they sum to ``total`` (see the module doc, step 2).
 
   Args:
@@ -124,6 +124,7 @@ def allocate_budgets(redundancy: Mapping[str, float], live: Mapping[str, int],
     live: group -> live units now.
     full_widths: unpruned widths (``constraints.min_kept`` is relative to them).
     total: units to remove in all.
+    aligns: group -> its alignment (``constraints.align_of``); default ``constraints.align``.
 
   Raises:
     ValueError: when the constraints allow fewer than ``total`` removals.
@@ -132,15 +133,16 @@ def allocate_budgets(redundancy: Mapping[str, float], live: Mapping[str, int],
   weight = {k: max(redundancy[k], 0.0) * live[k] + 1e-12 for k in names}
   wsum = sum(weight.values())
   share = {k: total * weight[k] / wsum for k in names}
-  floor = {k: constraints.min_kept(full_widths[k]) for k in names}
+  align = {k: (aligns or {}).get(k, constraints.align) for k in names}
+  floor = {k: constraints.min_kept(full_widths[k], align[k]) for k in names}
   taken = {k: 0 for k in names}
-  k_align = constraints.align
   removed = 0
   while removed < total:
     best, best_gap, best_chunk = None, None, 0
     for k in names:
       width = live[k] - taken[k]
-      chunk = 1 if (k_align <= 1 or full_widths[k] < k_align) else (width % k_align or k_align)
+      a = align[k]
+      chunk = 1 if (a <= 1 or full_widths[k] < a) else (width % a or a)
       if width - chunk < floor[k]:
         continue
       gap = share[k] - taken[k]
@@ -177,17 +179,18 @@ def kernel_budget(ctx: methods.MethodContext) -> methods.MethodResult:
   scores = methods.estimator_scores(ctx, model, state, estimators.get(o.criterion),
                                     o.num_batches)
   live = {k: int(masks[k].sum()) for k in red}
+  aligns = {g.name: ctx.constraints.align_of(g) for g in groups}
   full_units = sum(ctx.full_widths[g.name] for g in groups if g.prunable)
   need = engine.Target.from_config(ctx.config.prune).units_to_remove(
       full_units, methods.units_kept(groups, masks))
   if need is not None:
-    budgets = allocate_budgets(red, live, ctx.full_widths, ctx.constraints, max(need, 0))
+    budgets = allocate_budgets(red, live, ctx.full_widths, ctx.constraints, max(need, 0), aligns)
     new = masks_from_budgets(scores, masks, budgets)
   else:
     step, total = ctx.config.prune.prune_per_iteration, 0
     while True:
       total += step
-      budgets = allocate_budgets(red, live, ctx.full_widths, ctx.constraints, total)
+      budgets = allocate_budgets(red, live, ctx.full_widths, ctx.constraints, total, aligns)
       new = masks_from_budgets(scores, masks, budgets)
       if ctx.target_reached(model, new):
         break

@@ -204,8 +204,8 @@ def threshold_masks(mu: Mapping[str, Any], sigma: Mapping[str, Any],
     if g.prunable:
       a, s = np.abs(np.asarray(mu[g.name])), np.asarray(sigma[g.name])
       near_zero = (a < mean_threshold) & (np.square(s) < var_threshold)
-      keep = max(g.width - int(near_zero.sum()), constraints.min_kept(full_widths[g.name]))
-      k = constraints.align
+      keep = max(g.width - int(near_zero.sum()), constraints.floor_of(g, full_widths[g.name]))
+      k = constraints.align_of(g)
       if k > 1 and full_widths[g.name] >= k:
         keep = min(g.width, -(-keep // k) * k)
       m[np.argsort(a, kind='stable')[:g.width - keep]] = 0.0
