@@ -631,6 +631,7 @@ def _prune_step(job: _Job, state):
          'units_kept': pruner.units_kept(job.groups, new_masks),
          'flops': cst['flops'], 'params': cst['params'],
          'flops_ratio': cst['flops'] / job.full.flops, 'params_ratio': cst['params'] / job.full.params,
+         'widths': surgery.new_widths(job.widths, new_masks),  # which groups lost units
          'wall_s': time.time() - job.wall_start}
   done = (job.target.reached(job.full.units, rec['units_kept'], rec['flops_ratio'],
                              rec['params_ratio'])
