@@ -105,6 +105,12 @@ def width_grid(full_width: int, constraints: Constraints, max_points: int = 8,
 UnitCost = Callable[[str, int, int], float]
 
 
+def next_chunk(width: int, full_width: int, align: int) -> int:
+  """Units the next removal from a group of ``width`` live units takes: 1 without alignment
+  (or when the group is narrower than ``align``), else down to the next multiple of ``align``."""
+  return 1 if (align <= 1 or full_width < align) else (width % align or align)
+
+
 def _chunk_candidates(scores, order, taken, full_widths, floor, k,
                       unit_cost: Optional[UnitCost] = None) -> list[tuple[float, str, int]]:
   """``(key, group, chunk size)`` of every chunk the constraints allow next, lowest key first;
@@ -112,8 +118,7 @@ def _chunk_candidates(scores, order, taken, full_widths, floor, k,
   out = []
   for name, units in order.items():
     width = units.size - taken[name]
-    kg = k[name]
-    chunk = 1 if (kg <= 1 or full_widths[name] < kg) else (width % kg or kg)
+    chunk = next_chunk(width, full_widths[name], k[name])
     if width - chunk < floor[name]:
       continue
     mean = float(np.mean(np.asarray(scores[name], np.float64)[

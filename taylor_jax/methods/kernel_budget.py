@@ -141,8 +141,7 @@ def allocate_budgets(redundancy: Mapping[str, float], live: Mapping[str, int],
     best, best_gap, best_chunk = None, None, 0
     for k in names:
       width = live[k] - taken[k]
-      a = align[k]
-      chunk = 1 if (a <= 1 or full_widths[k] < a) else (width % a or a)
+      chunk = engine.next_chunk(width, full_widths[k], align[k])
       if width - chunk < floor[k]:
         continue
       gap = share[k] - taken[k]
