@@ -3,7 +3,8 @@ Taylor-FO-BN to 40% fewer FLOPs with discovered groups, 1 epoch(s) of fine-tunin
 
   python -m taylor_jax.main --config=configs/fashion_mnist_concat_cnn.py --workdir=runs/concat_cnn
 
-Result: experiments/results/any_model.md (experiments/any_model_runs.py runs it).
+Result (seed 0, this CPU): 90.36% baseline -> 90.59% at -42.5% FLOPs
+(experiments/results/any_model.md; experiments/any_model_runs.py runs it).
 """
 
 from configs import _any_model

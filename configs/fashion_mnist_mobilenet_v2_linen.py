@@ -3,7 +3,8 @@ Taylor-FO-BN to 40% fewer FLOPs with discovered groups, 1 epoch(s) of fine-tunin
 
   python -m taylor_jax.main --config=configs/fashion_mnist_mobilenet_v2_linen.py --workdir=runs/mobilenet_v2_linen
 
-Result: experiments/results/any_model.md (experiments/any_model_runs.py runs it).
+Result (seed 0, this CPU): 89.21% baseline -> 88.44% at -40.5% FLOPs
+(experiments/results/any_model.md; experiments/any_model_runs.py runs it).
 """
 
 from configs import _any_model

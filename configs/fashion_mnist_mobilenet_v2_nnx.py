@@ -3,7 +3,8 @@ Taylor-FO-BN to 40% fewer FLOPs with discovered groups, 1 epoch(s) of fine-tunin
 
   python -m taylor_jax.main --config=configs/fashion_mnist_mobilenet_v2_nnx.py --workdir=runs/mobilenet_v2_nnx
 
-Result: experiments/results/any_model.md (experiments/any_model_runs.py runs it).
+Result (seed 0, this CPU): 87.95% baseline -> 87.11% at -41.1% FLOPs
+(experiments/results/any_model.md; experiments/any_model_runs.py runs it).
 """
 
 from configs import _any_model
