@@ -7,8 +7,11 @@ Each run is the main job's baseline config (``configs/fashion_mnist_baseline.py`
 smallest budget whose final test accuracy is within ``--within`` (points) of the largest
 budget's, same seed.
 
-  python experiments/converged_baselines.py --runs=15:0,30:0 \\
+  python experiments/converged_baselines.py --runs=15:0,30:0,chosen:1,chosen:2 \\
       --runs_dir=$HOME/taylor_jax_runs/converged
+
+``chosen:S`` trains seed ``S`` for the budget the rule chose for the first seed of the runs
+before it (decided when those have finished; a clear error if they cannot decide it).
 
 Resumable (compare_methods.run_main: a finished run is read, an unfinished one resumes from its
 last checkpoint). Writes ``converged_baselines.{csv,md,png}`` under ``--results_dir`` after every
@@ -24,6 +27,7 @@ import os
 import shlex
 import statistics
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
@@ -153,12 +157,23 @@ def write(summary, runs, args, cmd) -> None:
     plot(summary, base + '.png')
 
 
-def parse_runs(spec: str) -> list[tuple[float, int]]:
+def parse_runs(spec: str) -> list[tuple[Optional[float], int]]:
+  """``E:S,...``; ``chosen:S`` (budget ``None``): the budget the rule chooses."""
   out = []
   for item in spec.split(','):
-    e, s = item.split(':')
-    out.append((float(e), int(s)))
+    try:
+      e, s = item.split(':')
+      out.append((None if e == 'chosen' else float(e), int(s)))
+    except ValueError:
+      raise SystemExit(f'--runs: {item!r} is not budget_epochs:seed or chosen:seed') from None
+  if out and out[0][0] is None:
+    raise SystemExit('--runs: chosen:S needs finished fixed budgets before it (e.g. 15:0,30:0,chosen:1)')
   return out
+
+
+def resolve(done: list[tuple[float, int]], runs_dir: str, within: float) -> Optional[float]:
+  """The budget the rule chose for the first seed of ``done``; None while it cannot decide."""
+  return summarise(done, runs_dir, within)['choice'].get(done[0][1])
 
 
 def main(argv=None):
@@ -172,10 +187,20 @@ def main(argv=None):
   extra = [e for e in extra if e != '--']
   cmd = shlex.join(['python', 'experiments/converged_baselines.py',
                     *(argv if argv is not None else sys.argv[1:])])
-  runs = parse_runs(args.runs)
+  spec = parse_runs(args.runs)
   os.makedirs(args.runs_dir, exist_ok=True)
+  runs = []  # resolved so far
   with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
-    for epochs, seed in runs:
+    for epochs, seed in spec:
+      if epochs is None:
+        epochs = resolve(runs, args.runs_dir, args.within)
+        if epochs is None:
+          if args.summarise_only:
+            break
+          raise SystemExit(
+              f'--runs: chosen:{seed} needs two finished budgets of seed {runs[0][1]} before '
+              f'it; finished: {sorted(summarise(runs, args.runs_dir, args.within)["finals"])}')
+      runs.append((epochs, seed))
       if not args.summarise_only:
         wd = workdir(args.runs_dir, epochs, seed)
         compare_methods.run_main(command(epochs, seed, wd, extra), wd, log)

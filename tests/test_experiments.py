@@ -160,3 +160,34 @@ def test_oracle_correlation_refuses_a_missing_baseline_before_scoring(tmp_path):
   with pytest.raises(SystemExit, match=f'{tmp_path}/resnet20_e15_s0'):
     oracle_correlation.main(argv)
   assert not list(tmp_path.iterdir())
+
+
+def _finished_baseline(runs_dir, epochs, seed, accuracies):
+  """A baseline workdir as converged_baselines reads it: curve records and a report."""
+  import json
+  wd = runs_dir / f'resnet20_e{epochs:g}_s{seed}'
+  wd.mkdir(parents=True)
+  with open(wd / 'metrics.jsonl', 'w') as f:
+    for i, a in enumerate(accuracies):
+      f.write(json.dumps({'phase': 'baseline_curve', 'step': i + 1, 'epoch': i + 1.0,
+                          'test_accuracy': a, 'test_loss': 1 - a, 'wall_s': 10.0 * i}) + '\n')
+  (wd / 'report.json').write_text(json.dumps({'baseline': {'test_accuracy': accuracies[-1]}}))
+
+
+def test_converged_baselines_chosen_budget_follows_the_rule(tmp_path):
+  from experiments import converged_baselines as cb
+  runs, res = tmp_path / 'runs', tmp_path / 'res'
+  argv = ['--runs=2:0,4:0,chosen:1', f'--runs_dir={runs}', f'--results_dir={res}',
+          '--summarise_only']
+  _finished_baseline(runs, 2, 0, [0.90, 0.9370])
+  cb.main(argv)  # the 4-epoch run has not finished: chosen:1 waits, nothing fails
+  assert 'not decided yet' in (res / 'converged_baselines.md').read_text()
+  _finished_baseline(runs, 4, 0, [0.90, 0.92, 0.93, 0.9400])
+  cb.main(argv)  # 93.70 is within 0.3 points of 94.00: 2 epochs, so seed 1 trains for 2
+  md = (res / 'converged_baselines.md').read_text()
+  assert 'seed 0: **2 epochs**' in md and '| 2 | 1 | not started |' in md
+  (runs / 'resnet20_e4_s0' / 'report.json').write_text('{"baseline": {"test_accuracy": 0.95}}')
+  cb.main(argv)  # 1.3 points below: the larger budget
+  assert '| 4 | 1 | not started |' in (res / 'converged_baselines.md').read_text()
+  with pytest.raises(SystemExit, match='chosen:S needs finished fixed budgets'):
+    cb.main(['--runs=chosen:1', f'--runs_dir={runs}', f'--results_dir={res}'])
