@@ -285,6 +285,9 @@ def main(argv=None):
   p.add_argument('--methods', default=','.join(ALL))
   p.add_argument('--reductions', default='0.4,0.6')
   p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--other_seeds', default=None,
+                 help='seeds of every method after the first (default: --seeds); a CPU budget '
+                 'cuts the seeds of the compared criteria before those of the studied one')
   p.add_argument('--epochs', type=float, default=15.0, help='baseline training epochs')
   p.add_argument('--finetune_epochs', type=float, default=3.0)
   p.add_argument('--limit_examples', type=int, default=None, help='training examples used')
@@ -306,6 +309,9 @@ def main(argv=None):
   methods = available_methods([m for m in args.methods.split(',') if m])
   reductions = [float(r) for r in args.reductions.split(',')]
   seeds = [int(s) for s in args.seeds.split(',')]
+  other_seeds = seeds if args.other_seeds is None else [int(s) for s in args.other_seeds.split(',')]
+  seeds_of = {m: (seeds if i == 0 else other_seeds) for i, m in enumerate(methods)}
+  seeds = sorted(set(seeds) | set(other_seeds))
   os.makedirs(args.runs_dir, exist_ok=True)
   os.makedirs(args.results_dir, exist_ok=True)
   if args.baseline_dir:  # checked before any run starts: a typo must not cost hours
@@ -331,7 +337,7 @@ def main(argv=None):
         run_main(baseline_command(args, seed, base), base, log)
         rows.append(row('baseline', 0.0, seed, base, 'baseline'))
       for method in methods:
-        for red in reductions:
+        for red in (reductions if seed in seeds_of[method] else []):
           wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
           run_main(method_command(args, method, red, seed, wd, base), wd, log)
           rows.append(row(method, red, seed, wd, 'pruned'))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,16 @@ def test_converged_baselines_chosen_budget_follows_the_rule(tmp_path):
   assert '| 4 | 1 | not started |' in (res / 'converged_baselines.md').read_text()
   with pytest.raises(SystemExit, match='chosen:S needs finished fixed budgets'):
     cb.main(['--runs=chosen:1', f'--runs_dir={runs}', f'--results_dir={res}'])
+
+
+def test_compare_methods_other_seeds_cut_the_compared_criteria_only(tmp_path, monkeypatch):
+  from experiments import compare_methods as cm
+  started = []
+  monkeypatch.setattr(cm, 'run_main', lambda cmd, wd, log: started.append(os.path.basename(wd)))
+  monkeypatch.setattr(cm, 'row', lambda method, red, seed, wd, kind: {})
+  monkeypatch.setattr(cm, 'markdown', lambda rows, command, args: '')
+  monkeypatch.setattr(cm, 'plot', lambda rows, path: None)
+  cm.main(['--methods=taylor_fo_bn,estimator/weight_l2', '--reductions=0.4', '--seeds=0,1',
+           '--other_seeds=0', f'--runs_dir={tmp_path}/runs', f'--results_dir={tmp_path}/res'])
+  assert started == ['baseline_s0', 'taylor_fo_bn_r40_s0', 'estimator-weight_l2_r40_s0',
+                     'baseline_s1', 'taylor_fo_bn_r40_s1']
