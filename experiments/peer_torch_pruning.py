@@ -22,7 +22,9 @@ For taylor_jax pruning runs of one baseline (main-job workdirs started with
   PYTHONPATH=. .venv/bin/python experiments/peer_torch_pruning.py RUN_DIR [RUN_DIR ...] \\
       [--importances=taylor,magnitude,bn_scale] [--out=experiments/results/peer_torch_pruning]
 
-Writes ``<out>.csv`` and ``<out>.md``.
+Writes ``<out>.csv`` and ``<out>.md``. Resumable: state under ``--work`` (one folder per run and
+importance: the finished row, the pruned network, the fine-tuning every 200 steps), so a killed
+study re-run with the same command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -171,7 +173,27 @@ def torch_latencies(nets: dict, input_shape, batch=64, repeats=20, rounds=5) -> 
   return out
 
 
-def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> dict:
+def _save(obj, path: str) -> None:
+  """Atomically: an interruption leaves the previous file or the new one, never half of one."""
+  torch.save(obj, path + '.tmp')
+  os.replace(path + '.tmp', path)
+
+
+def _load(path: str):
+  # The whole pruned module (Torch-Pruning changed its layers' shapes), not only a state dict.
+  return torch.load(path, weights_only=False) if os.path.exists(path) else None
+
+
+def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
+                 work: str, save_every: int = 200) -> dict:
+  """One row; resumable from ``work``: the finished row, the network after pruning, and the
+  fine-tuning every ``save_every`` SGD steps (network, optimizer, schedule, step) are saved
+  there atomically. An interrupted pruning phase restarts (it is the short part)."""
+  os.makedirs(work, exist_ok=True)
+  row_path = os.path.join(work, 'row.json')
+  if os.path.exists(row_path):
+    with open(row_path) as f:
+      return json.load(f)
   with open(os.path.join(run_dir, 'report.json')) as f:
     rep = json.load(f)
   import ml_collections
@@ -202,6 +224,7 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
                                 importance=IMPORTANCES[importance](), global_pruning=True,
                                 pruning_ratio=0.9, iterative_steps=iterative_steps,
                                 ignored_layers=[net.head])
+  saved = _load(os.path.join(work, 'pruned.pt'))
   macs, steps = [full_macs], [0]
 
   def after_step(k):
@@ -212,21 +235,42 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
     macs.append(costs.flops(model.clone(widths=widths_of(net, model.blocks_per_stage)), shape))
     return sgd(net, c.prune.learning_rate, c)
 
-  t0 = time.time()
-  opt = sgd(net, c.prune.learning_rate, c)
-  while (macs[-1] > target and steps[0] < total_steps and
-         pruner.current_step < iterative_steps):
-    opt = train_steps(net, opt, it, period, after_step=after_step)
-  prune_steps, prune_wall = steps[0], time.time() - t0
+  if saved is None:
+    t0 = time.time()
+    opt = sgd(net, c.prune.learning_rate, c)
+    while (macs[-1] > target and steps[0] < total_steps and
+           pruner.current_step < iterative_steps):
+      opt = train_steps(net, opt, it, period, after_step=after_step)
+    saved = {'net': net, 'macs': macs, 'prune_steps': steps[0],
+             'prune_wall': time.time() - t0, 'ft': None}
+    _save(saved, os.path.join(work, 'pruned.pt'))
+  net, macs, prune_steps, prune_wall = (saved['net'], saved['macs'], saved['prune_steps'],
+                                        saved['prune_wall'])
 
   # Fine-tuning: the rest of the JAX run's SGD steps, its fine-tuning lr with a cosine schedule.
   n_ft = max(total_steps - prune_steps, 0)
   opt = sgd(net, c.prune.finetune_learning_rate, c)
   sched = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, n_ft) / max(n_ft, 1))))
-  t0 = time.time()
-  train_steps(net, opt, it, n_ft, sched=sched)
-  ft_wall = time.time() - t0
+  ft = _load(os.path.join(work, 'finetune.pt'))
+  done, ft_wall = 0, 0.0
+  if ft is not None:
+    net = ft['net']
+    opt = sgd(net, c.prune.finetune_learning_rate, c)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, n_ft) / max(n_ft, 1))))
+    opt.load_state_dict(ft['opt'])
+    sched.load_state_dict(ft['sched'])
+    done, ft_wall = ft['done'], ft['wall']
+    torch.set_rng_state(ft['rng'])
+  it = batches_from(train, base_step + prune_steps + done)
+  while done < n_ft:
+    n = min(save_every, n_ft - done)
+    t0 = time.time()
+    train_steps(net, opt, it, n, sched=sched)
+    done, ft_wall = done + n, ft_wall + time.time() - t0
+    _save({'net': net, 'opt': opt.state_dict(), 'sched': sched.state_dict(), 'done': done,
+           'wall': ft_wall, 'rng': torch.get_rng_state()}, os.path.join(work, 'finetune.pt'))
 
   full_net = torch_cifar_resnet.from_jax(model, variables)
   lat = torch_latencies({'full': full_net, 'pruned': net}, shape)
@@ -240,7 +284,7 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
   jax_cut = 1 - jax_lat['pruned']['median'] / jax_lat['full']['median']
   torch_cut = 1 - lat[best]['pruned'] / lat[best]['full']
   jm, tm = 1 - target / full_macs, 1 - macs[-1] / full_macs
-  return {
+  row = {
       'run': os.path.basename(run_dir.rstrip('/')), 'importance': importance,
       'conversion_max_logit_diff': diff,
       'jax_accuracy': rep['pruned']['test_accuracy'], 'torch_accuracy': accuracy(net, test),
@@ -259,6 +303,10 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int) -> 
       'torch_prune_wall_s': prune_wall, 'torch_finetune_wall_s': ft_wall,
       'jax_widths': rep['pruned']['widths'],
       'torch_widths': widths_of(net, model.blocks_per_stage)}
+  with open(row_path + '.tmp', 'w') as f:
+    json.dump(row, f)
+  os.replace(row_path + '.tmp', row_path)
+  return row
 
 
 def markdown(rows, cmd) -> str:
@@ -291,6 +339,8 @@ def main(argv=None):
                       'about as many channels as the JAX run\'s prune.prune_per_iteration)')
   p.add_argument('--finer', type=int, default=4,
                  help='Torch-Pruning steps per JAX pruning period (same units per SGD step)')
+  p.add_argument('--work', default=os.path.expanduser('~/taylor_jax_runs/peer_torch_pruning'),
+                 help='resumable state, one folder per run and importance (not committed)')
   p.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results',
                                                'peer_torch_pruning'))
   args = p.parse_args(argv)
@@ -300,7 +350,8 @@ def main(argv=None):
   rows = []
   for run_dir in args.runs:
     for imp in args.importances.split(','):
-      rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer))
+      work = os.path.join(args.work, f"{os.path.basename(run_dir.rstrip('/'))}_{imp}")
+      rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer, work))
       print(json.dumps(rows[-1]), flush=True)
   with open(args.out + '.csv', 'w', newline='') as f:
     w = csv.DictWriter(f, list(rows[0]))
