@@ -190,6 +190,18 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
   fine-tuning every ``save_every`` SGD steps (network, optimizer, schedule, step) are saved
   there atomically. An interrupted pruning phase restarts (it is the short part)."""
   os.makedirs(work, exist_ok=True)
+  options = {'run_dir': os.path.abspath(run_dir), 'importance': importance,
+             'iterative_steps': iterative_steps, 'finer': finer}
+  opt_path = os.path.join(work, 'options.json')
+  if os.path.exists(opt_path):  # state saved under other options must not be resumed
+    with open(opt_path) as f:
+      before = json.load(f)
+    if before != options:
+      raise SystemExit(f'--work: {work} holds a run with {before}, not {options}: pass another '
+                       '--work, or delete that folder to start this one afresh')
+  else:
+    with open(opt_path, 'w') as f:
+      json.dump(options, f)
   row_path = os.path.join(work, 'row.json')
   if os.path.exists(row_path):
     with open(row_path) as f:
@@ -242,23 +254,20 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
            pruner.current_step < iterative_steps):
       opt = train_steps(net, opt, it, period, after_step=after_step)
     saved = {'net': net, 'macs': macs, 'prune_steps': steps[0],
-             'prune_wall': time.time() - t0, 'ft': None}
+             'prune_wall': time.time() - t0}
     _save(saved, os.path.join(work, 'pruned.pt'))
   net, macs, prune_steps, prune_wall = (saved['net'], saved['macs'], saved['prune_steps'],
                                         saved['prune_wall'])
 
   # Fine-tuning: the rest of the JAX run's SGD steps, its fine-tuning lr with a cosine schedule.
   n_ft = max(total_steps - prune_steps, 0)
+  ft = _load(os.path.join(work, 'finetune.pt'))
+  net = net if ft is None else ft['net']
   opt = sgd(net, c.prune.finetune_learning_rate, c)
   sched = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, n_ft) / max(n_ft, 1))))
-  ft = _load(os.path.join(work, 'finetune.pt'))
   done, ft_wall = 0, 0.0
   if ft is not None:
-    net = ft['net']
-    opt = sgd(net, c.prune.finetune_learning_rate, c)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, n_ft) / max(n_ft, 1))))
     opt.load_state_dict(ft['opt'])
     sched.load_state_dict(ft['sched'])
     done, ft_wall = ft['done'], ft['wall']
