@@ -140,11 +140,58 @@ def method_command(args, token: str, reduction: float, seed: int, workdir: str,
   return cmd
 
 
+def _same_value(have, flag: str) -> bool:
+  if isinstance(have, bool):
+    return flag.lower() in ('true', '1') if have else flag.lower() in ('false', '0')
+  if isinstance(have, (int, float)):
+    try:
+      return abs(float(flag) - have) <= 1e-9 * max(1.0, abs(have))
+    except ValueError:
+      return False
+  if isinstance(have, str):
+    return flag == have
+  return True  # tuples, dicts: not compared (no flag of these scripts sets one)
+
+
+def check_same_run(flags: list[str], workdir: str) -> None:
+  """Refuses a workdir that holds a run made with other flags: finished runs are read, not
+  re-run, so another ``--baseline_dir`` or ``--epochs`` over the same ``--runs_dir`` would
+  otherwise report the old run as the new one. Checks the flags recorded at the run's start
+  (``flags.json``) and, for a finished run, every ``--config.a.b=v`` against its report."""
+  recorded = os.path.join(workdir, 'flags.json')
+  if os.path.exists(recorded):
+    with open(recorded) as f:
+      before = json.load(f)
+    if before != flags:
+      raise SystemExit(f'{workdir} holds a run started with\n  {shlex.join(before)}\nnot\n  '
+                       f'{shlex.join(flags)}\nPass another --runs_dir (or delete that workdir).')
+  report = os.path.join(workdir, 'report.json')
+  if not os.path.exists(report):
+    return
+  with open(report) as f:
+    config = json.load(f).get('config', {})
+  for flag in flags:
+    if not flag.startswith('--config.') or '=' not in flag:
+      continue
+    key, value = flag[len('--config.'):].split('=', 1)
+    have = config
+    for part in key.split('.'):
+      have = have.get(part, None) if isinstance(have, dict) else None
+    if have is not None and not _same_value(have, value):
+      raise SystemExit(f'{workdir} holds a finished run with {key}={have!r}, not {value!r} '
+                       '(this command\'s flag): pass another --runs_dir (or delete that workdir).')
+
+
 def run_main(flags: list[str], workdir: str, log) -> None:
-  """Runs (or resumes) one main job unless it has finished; adds its wall time."""
+  """Runs (or resumes) one main job unless it has finished; adds its wall time. A workdir of a
+  run with other flags is refused (:func:`check_same_run`)."""
+  check_same_run(flags, workdir)
   if os.path.exists(os.path.join(workdir, 'report.json')):
     return
   os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(os.path.join(workdir, 'flags.json')):
+    with open(os.path.join(workdir, 'flags.json'), 'w') as f:
+      json.dump(flags, f)
   cmd = [sys.executable, '-m', 'taylor_jax.main', *flags]
   log.write(shlex.join(['python', '-m', 'taylor_jax.main', *flags]) + '\n')
   log.flush()

@@ -205,3 +205,31 @@ def test_compare_methods_other_seeds_cut_the_compared_criteria_only(tmp_path, mo
            '--other_seeds=0', f'--runs_dir={tmp_path}/runs', f'--results_dir={tmp_path}/res'])
   assert started == ['baseline_s0', 'taylor_fo_bn_r40_s0', 'estimator-weight_l2_r40_s0',
                      'baseline_s1', 'taylor_fo_bn_r40_s1']
+
+
+def test_compare_methods_refuses_a_workdir_of_a_run_with_other_flags(tmp_path):
+  """Finished runs are read, not re-run: the same --runs_dir under another --baseline_dir must
+  be an error, not the old run reported as the new one."""
+  import json
+  from experiments import compare_methods as cm
+  wd = tmp_path / 'taylor_fo_bn_r40_s0'
+  wd.mkdir()
+  old = ['--config=configs/taylor_fo_bn.py', f'--workdir={wd}', '--config.seed=0',
+         '--config.train.init_checkpoint=/runs/resnet20_e15_s0',
+         '--config.prune.target_flops_reduction=0.4']
+  (wd / 'report.json').write_text(json.dumps({'config': {
+      'seed': 0, 'train': {'init_checkpoint': '/runs/resnet20_e15_s0'},
+      'prune': {'target_flops_reduction': 0.4}}}))
+  cm.run_main(old, str(wd), log=None)  # its own flags: finished, read as it is
+  other = [f.replace('e15', 'e30') for f in old]
+  with pytest.raises(SystemExit, match="init_checkpoint='/runs/resnet20_e15_s0', not "
+                                       "'/runs/resnet20_e30_s0'"):
+    cm.run_main(other, str(wd), log=None)
+  with pytest.raises(SystemExit, match='target_flops_reduction=0.4, not .0.25'):
+    cm.run_main(old[:-1] + ['--config.prune.target_flops_reduction=0.25'], str(wd), log=None)
+  # An unfinished run: the flags it started with (flags.json) decide.
+  unfinished = tmp_path / 'unfinished'
+  unfinished.mkdir()
+  (unfinished / 'flags.json').write_text(json.dumps(old))
+  with pytest.raises(SystemExit, match='holds a run started with'):
+    cm.run_main(other, str(unfinished), log=None)
