@@ -209,12 +209,36 @@ def run_main(flags: list[str], workdir: str, log) -> None:
                        f'{workdir}/main.log. Re-running this script resumes it.')
 
 
+def total_wall_s(wd: str) -> float:
+  """Wall seconds of a run over all its processes: each process's ``wall_s`` counts from its own
+  start, so the run's total is the sum of the last value before each restart (time a process was
+  stopped, or shared the CPU, included)."""
+  path = os.path.join(wd, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0.0
+  total, last = 0.0, 0.0
+  with open(path) as f:
+    for line in f:
+      w = json.loads(line).get('wall_s')
+      if w is None:
+        continue
+      if w < last:  # a new process
+        total += last
+      last = w
+  return total + last
+
+
 def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dict:
   with open(os.path.join(workdir, 'report.json')) as f:
     rep = json.load(f)
   r = rep[key]
   wall_file = os.path.join(workdir, 'wall_s.json')
   wall = json.load(open(wall_file)) if os.path.exists(wall_file) else {'wall_s': float('nan')}
+  # wall_s.json is written when the process returns: a run killed and resumed misses the killed
+  # processes' time there, not in its metrics.
+  if not wall.get('note'):
+    seen = [v for v in (wall['wall_s'], total_wall_s(workdir)) if v == v and v > 0]
+    wall['wall_s'] = max(seen) if seen else float('nan')
   return {'method': method, 'flops_reduction': reduction, 'seed': seed, '_wall_note': wall.get('note'),
           'test_accuracy': r['test_accuracy'], 'params': r['params'], 'flops': r['flops'],
           'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall['wall_s'],

@@ -60,25 +60,6 @@ def curve(wd: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def total_wall_s(wd: str) -> float:
-  """Wall seconds of a run over all its processes: each process's ``wall_s`` counts from its own
-  start, so the run's total is the sum of the last value before each restart (time a process was
-  stopped, or shared the CPU, included)."""
-  path = os.path.join(wd, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return 0.0
-  total, last = 0.0, 0.0
-  with open(path) as f:
-    for line in f:
-      w = json.loads(line).get('wall_s')
-      if w is None:
-        continue
-      if w < last:  # a new process
-        total += last
-      last = w
-  return total + last
-
-
 def summarise(runs, runs_dir: str, within: float) -> dict:
   rows, finals, walls = [], {}, {}
   for epochs, seed in runs:
@@ -89,7 +70,7 @@ def summarise(runs, runs_dir: str, within: float) -> dict:
       rows.append({'budget_epochs': epochs, 'seed': seed, 'epoch': round(p['epoch'], 4),
                    'test_accuracy': p['test_accuracy'], 'test_loss': p['test_loss'],
                    'wall_s': round(p['wall_s'], 1), 'finished': done})
-    walls[(epochs, seed)] = total_wall_s(wd)
+    walls[(epochs, seed)] = compare_methods.total_wall_s(wd)
     if done:
       with open(os.path.join(wd, 'report.json')) as f:
         finals[(epochs, seed)] = json.load(f)['baseline']['test_accuracy']

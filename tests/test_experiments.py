@@ -235,12 +235,12 @@ def test_compare_methods_refuses_a_workdir_of_a_run_with_other_flags(tmp_path):
     cm.run_main(other, str(unfinished), log=None)
 
 
-def test_converged_baselines_wall_sums_every_process_of_a_resumed_run(tmp_path):
+def test_run_wall_sums_every_process_of_a_resumed_run(tmp_path):
   import json
-  from experiments import converged_baselines as cb
+  from experiments import compare_methods as cm
   walls = [10.0, 20.0, None, 5.0, 15.0, 40.0, 3.0]  # two restarts; a record without wall_s
   (tmp_path / 'metrics.jsonl').write_text(''.join(
       json.dumps({'phase': 'baseline', **({} if w is None else {'wall_s': w})}) + '\n'
       for w in walls))
-  assert cb.total_wall_s(str(tmp_path)) == 20.0 + 40.0 + 3.0
-  assert cb.total_wall_s(str(tmp_path / 'missing')) == 0.0
+  assert cm.total_wall_s(str(tmp_path)) == 20.0 + 40.0 + 3.0
+  assert cm.total_wall_s(str(tmp_path / 'missing')) == 0.0
