@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The rest of issue 15's converged study on the 30-epoch ResNet-20 baselines, as two lanes that
+# run side by side on this 2-core CPU without touching each other's workdirs:
+#
+#   bash scripts/background.sh ~/taylor_jax_runs/lane_a.log bash experiments/converged_study.sh a
+#   bash scripts/background.sh ~/taylor_jax_runs/lane_b.log bash experiments/converged_study.sh b
+#
+# Lane a: baselines of seeds 1 and 2, then the grid's Taylor-FO-BN runs on them.
+# Lane b: the grid on seed 0 (every criterion, 3 targets), Torch-Pruning on the seed-0 Taylor run,
+#         then, once lane a's baselines exist, the oracle correlation; last, the full grid command
+#         again, which only reads the finished runs and writes results/methods_converged.*.
+# Every step resumes from its workdirs (kill either lane at any time and start it again); a
+# workdir made with other flags is refused (compare_methods.check_same_run). The commands are
+# those of experiments/README.md, "The rest of the converged study".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=${TAYLOR_JAX_RUNS:-$HOME/taylor_jax_runs}
+PY=.venv/bin/python
+GRID=(--baseline_dir="$R/converged/resnet20_e30_s{seed}" --epochs=30
+      --methods=taylor_fo_bn,estimator/weight_l2,estimator/bn_scale,estimator/random
+      --reductions=0.25,0.4,0.6 --other_seeds=0 --runs_dir="$R/methods_e30")
+log() { echo "$(date '+%F %T') $*"; }
+wait_for() { until [ -f "$1" ]; do sleep 60; done; }
+
+case "${1:-}" in
+  a)
+    log "baselines, seeds 1 and 2 (30 epochs)"
+    $PY experiments/converged_baselines.py --runs=15:0,30:0,chosen:1,chosen:2 --runs_dir="$R/converged"
+    log "grid, Taylor-FO-BN on seeds 1 and 2"
+    $PY experiments/compare_methods.py "${GRID[@]}" --seeds=1,2 --results_name=methods_converged_s12
+    log "lane a done" ;;
+  b)
+    log "grid, seed 0"
+    $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0 --results_name=methods_converged_s0
+    log "Torch-Pruning from the seed-0 Taylor-FO-BN run's weights"
+    PYTHONPATH=. $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
+        --work="$R/peer_torch_pruning_e30" --out=experiments/results/peer_torch_pruning_converged
+    for s in 1 2; do wait_for "$R/converged/resnet20_e30_s$s/report.json"; done
+    log "oracle correlation on the 30-epoch baselines"
+    $PY experiments/oracle_correlation.py --configs=configs/fashion_mnist_baseline.py \
+        --epochs=resnet20=30 --baseline_dir="$R/converged/resnet20_e{epochs:g}_s{seed}" \
+        --prefix=oracle_correlation_converged  # scores cached in the baseline workdirs
+    for s in 1 2; do for r in 25 40 60; do
+      wait_for "$R/methods_e30/taylor_fo_bn_r${r}_s$s/report.json"; done; done
+    log "the whole grid, read from the finished runs"
+    $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0,1,2 --results_name=methods_converged
+    log "lane b done" ;;
+  *)
+    echo "usage: bash experiments/converged_study.sh a|b (see the comment at the top)" >&2
+    exit 2 ;;
+esac
