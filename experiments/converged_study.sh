@@ -6,8 +6,9 @@
 #   bash scripts/background.sh ~/taylor_jax_runs/lane_b.log bash experiments/converged_study.sh b
 #
 # Lane a: baselines of seeds 1 and 2, then the grid's Taylor-FO-BN runs on them.
-# Lane b: the grid on seed 0 (every criterion, 3 targets), Torch-Pruning on the seed-0 Taylor run,
-#         then, once lane a's baselines exist, the oracle correlation; last, the full grid command
+# Lane b: Taylor-FO-BN at 40% on seed 0 and Torch-Pruning's GroupTaylor from its weights, the grid
+#         on seed 0 (every criterion, 3 targets), Torch-Pruning's other importances, then, once
+#         lane a's baselines exist, the oracle correlation; last, the full grid command
 #         again, which only reads the finished runs and writes results/methods_converged.*.
 # Every step resumes from its workdirs (kill either lane at any time and start it again); a
 # workdir made with other flags is refused (compare_methods.check_same_run). The commands are
@@ -30,9 +31,17 @@ case "${1:-}" in
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=1,2 --results_name=methods_converged_s12
     log "lane a done" ;;
   b)
+    # The comparison first: Taylor-FO-BN at 40% on seed 0, then GroupTaylor from its weights.
+    log "Taylor-FO-BN, 40%, seed 0"
+    $PY experiments/compare_methods.py "${GRID[@]}" --methods=taylor_fo_bn --reductions=0.4 \
+        --seeds=0 --results_name=methods_converged_s0
+    log "Torch-Pruning GroupTaylor from that run's weights"
+    PYTHONPATH=. $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
+        --importances=taylor --work="$R/peer_torch_pruning_e30" \
+        --out=experiments/results/peer_torch_pruning_converged
     log "grid, seed 0"
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0 --results_name=methods_converged_s0
-    log "Torch-Pruning from the seed-0 Taylor-FO-BN run's weights"
+    log "Torch-Pruning, all three importances (GroupTaylor's row is read back)"
     PYTHONPATH=. $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
         --work="$R/peer_torch_pruning_e30" --out=experiments/results/peer_torch_pruning_converged
     for s in 1 2; do wait_for "$R/converged/resnet20_e30_s$s/report.json"; done
