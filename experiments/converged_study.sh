@@ -21,8 +21,11 @@ GRID=(--baseline_dir="$R/converged/resnet20_e30_s{seed}" --epochs=30
       --methods=taylor_fo_bn,estimator/weight_l2,estimator/bn_scale,estimator/random
       --reductions=0.25,0.4,0.6 --other_seeds=0 --runs_dir="$R/methods_e30")
 log() { echo "$(date '+%F %T') $*"; }
-wait_for() { until [ -f "$1" ]; do sleep 60; done; }
+wait_for() { [ -f "$1" ] || log "waiting for $1"; until [ -f "$1" ]; do sleep 60; done; }
 
+# One compound command ending in exit: bash has read all of it before it runs, so editing this
+# file while a lane runs cannot change what that lane does next.
+{
 case "${1:-}" in
   a)
     log "baselines, seeds 1 and 2 (30 epochs)"
@@ -58,3 +61,5 @@ case "${1:-}" in
     echo "usage: bash experiments/converged_study.sh a|b (see the comment at the top)" >&2
     exit 2 ;;
 esac
+exit
+}
