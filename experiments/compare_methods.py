@@ -397,21 +397,26 @@ def main(argv=None):
         raise SystemExit(f'--baseline_dir: {base} was trained {epochs:g} epochs, --epochs='
                          f'{args.epochs:g}: pass --epochs={epochs:g} (SNIP and variational '
                          'train from scratch for epochs + finetune_epochs)')
+  plan = []  # (label, reduction, seed, flags, workdir, report key), in running order
+  for seed in seeds:
+    if args.baseline_dir:
+      base = os.path.expanduser(args.baseline_dir.format(seed=seed))
+    else:
+      base = os.path.join(args.runs_dir, f'baseline_s{seed}')
+    if any(parse_method(m)[0] in FROM_TRAINED for m in methods):
+      plan.append(('baseline', 0.0, seed, baseline_command(args, seed, base), base, 'baseline'))
+    for method in methods:
+      for red in (reductions if seed in seeds_of[method] else []):
+        wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
+        plan.append((method, red, seed, method_command(args, method, red, seed, wd, base), wd,
+                     'pruned'))
+  for *_, flags, wd, _ in plan:  # every workdir checked before the first run starts
+    check_same_run(flags, wd)
   rows = []
   with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
-    for seed in seeds:
-      if args.baseline_dir:
-        base = os.path.expanduser(args.baseline_dir.format(seed=seed))
-      else:
-        base = os.path.join(args.runs_dir, f'baseline_s{seed}')
-      if any(parse_method(m)[0] in FROM_TRAINED for m in methods):
-        run_main(baseline_command(args, seed, base), base, log)
-        rows.append(row('baseline', 0.0, seed, base, 'baseline'))
-      for method in methods:
-        for red in (reductions if seed in seeds_of[method] else []):
-          wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
-          run_main(method_command(args, method, red, seed, wd, base), wd, log)
-          rows.append(row(method, red, seed, wd, 'pruned'))
+    for label, red, seed, flags, wd, key in plan:
+      run_main(flags, wd, log)
+      rows.append(row(label, red, seed, wd, key))
   if args.remeasure_latency:
     remeasure_latency(rows)
   csv_path = os.path.join(args.results_dir, f'{args.results_name}.csv')
