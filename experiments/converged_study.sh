@@ -15,6 +15,7 @@
 # those of experiments/README.md, "The rest of the converged study".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD  # the experiment scripts import taylor_jax from this checkout
 R=${TAYLOR_JAX_RUNS:-$HOME/taylor_jax_runs}
 PY=.venv/bin/python
 GRID=(--baseline_dir="$R/converged/resnet20_e30_s{seed}" --epochs=30
@@ -39,14 +40,14 @@ case "${1:-}" in
     $PY experiments/compare_methods.py "${GRID[@]}" --methods=taylor_fo_bn --reductions=0.4 \
         --seeds=0 --results_name=methods_converged_s0
     log "Torch-Pruning GroupTaylor from that run's weights"
-    PYTHONPATH=. $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
+    $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
         --importances=taylor --work="$R/peer_torch_pruning_e30" \
-        --out=experiments/results/peer_torch_pruning_converged
+        --out=experiments/results/peer_torch_pruning
     log "grid, seed 0"
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0 --results_name=methods_converged_s0
     log "Torch-Pruning, all three importances (GroupTaylor's row is read back)"
-    PYTHONPATH=. $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
-        --work="$R/peer_torch_pruning_e30" --out=experiments/results/peer_torch_pruning_converged
+    $PY experiments/peer_torch_pruning.py "$R/methods_e30/taylor_fo_bn_r40_s0" \
+        --work="$R/peer_torch_pruning_e30" --out=experiments/results/peer_torch_pruning
     for s in 1 2; do wait_for "$R/converged/resnet20_e30_s$s/report.json"; done
     log "oracle correlation on the 30-epoch baselines"
     $PY experiments/oracle_correlation.py --configs=configs/fashion_mnist_baseline.py \

@@ -44,5 +44,14 @@ if [ "$WITH_TEST" = 1 ]; then
   fi
 fi
 
+# taylor_jax itself, editable (pyproject.toml): scripts and a user's own code import this checkout
+# without PYTHONPATH. -I: the check must not find it through the current directory.
+if ! .venv/bin/python -I -c "import sys, taylor_jax; sys.exit(not taylor_jax.__file__.startswith('$ROOT/'))" 2>/dev/null; then
+  echo "[setup] installing taylor_jax (editable) into .venv"
+  # setuptools warns about the flat layout on every editable build: shown only on failure.
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . > .venv/editable.log 2>&1 \
+    || { cat .venv/editable.log; exit 1; }
+fi
+
 # Prepares the project's TFDS builder for Debian's IDX files (no-op when already prepared).
 .venv/bin/python -m taylor_jax.data.prepare

@@ -195,6 +195,21 @@ def test_bad_input_refused_before_work():
     pr.step(pr.init(), variables, opt_state=optax.sgd(0.1).init(variables['params']))
 
 
+class NoSwitchNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Conv(8, (3, 3))(x)).mean((1, 2)))
+
+
+def test_a_train_switch_the_module_lacks_or_inverts_is_refused_naming_the_fix():
+  with pytest.raises(TypeError, match=r"no 'train' argument .*train_kwarg=None"):
+    taylor_jax.Pruner(NoSwitchNet(), X[:2], target=Target(flops=0.4))
+  with pytest.raises(ValueError, match='True in inference'):
+    taylor_jax.Pruner(LinenNet(), X[:2], target=Target(flops=0.4), train_kwarg='deterministic')
+  pr = taylor_jax.Pruner(NoSwitchNet(), X[:2], target=Target(flops=0.4), train_kwarg=None)
+  assert list(pr.widths.values()) == [8]
+
+
 def test_main_job_and_pruner_in_a_hand_written_loop_prune_alike(tmp_path, fashion_mnist_data_dir):
   """From the same initialisation, the main job's Taylor pruning phase and the Pruner driven by a
   hand-written loop over the same batches, optimizer and estimator remove the same units:

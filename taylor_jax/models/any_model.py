@@ -124,6 +124,7 @@ class LinenModel(_Adapter):
                keep_whole: Sequence[str] = (), prune_marked: bool = False,
                unknown_primitives: str = 'error', widths: Optional[Mapping[str, int]] = None,
                axis_name: Optional[str] = None, _found: Optional[_Found] = None):
+    _check_train_kwarg(module, train_kwarg)
     self.module = module
     self.example_input = jax.ShapeDtypeStruct(np.shape(example_input),
                                               getattr(example_input, 'dtype', jnp.float32))
@@ -314,6 +315,32 @@ def from_spec(spec: str, num_classes: int, input_shape: tuple[int, ...],
     raise ValueError(f'{spec} returned {type(module).__name__}, not a Flax Linen or NNX module')
   train_kwarg = 'train' if 'train' in _signature_params(type(module).__call__) else None
   return LinenModel(module, x, train_kwarg=train_kwarg, **opts)
+
+
+# Flax's own switches that are True in inference: passing train=True through them would run
+# dropout at evaluation and freeze BatchNorm in training.
+_INVERTED_SWITCHES = ('deterministic', 'use_running_average')
+
+
+def _check_train_kwarg(module: nn.Module, train_kwarg: Optional[str]) -> None:
+  """Raises (before any tracing) when ``module.__call__`` cannot take ``train_kwarg``."""
+  name = type(module).__name__
+  if train_kwarg in _INVERTED_SWITCHES:
+    raise ValueError(
+        f'train_kwarg={train_kwarg!r} is True in inference, but taylor_jax passes True in training. '
+        f'Give {name}.__call__ a `train` argument (e.g. nn.Dropout(deterministic=not train)), or '
+        f'wrap it in a module that takes one.')
+  try:
+    params = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return  # no signature to read: the first call will tell
+  if train_kwarg is None or train_kwarg in params or any(
+      p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  raise TypeError(
+      f'{name}.__call__ has no {train_kwarg!r} argument (it takes {[n for n in params if n != "self"]}). '
+      f'For a module without a train/eval switch pass train_kwarg=None (e.g. '
+      f'taylor_jax.Pruner(..., train_kwarg=None)); otherwise pass the name of its switch.')
 
 
 def _signature_params(fn) -> set[str]:
