@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -114,6 +115,12 @@ def check_scores(name: str, scores: Any, groups: Sequence[ChannelGroup], when: s
                            f'{g.name!r} {when}')
 
 
+def takes_rngs(model) -> bool:
+  """Whether ``model.apply`` takes a dropout key (a user's Linen or NNX model; zoo models
+  have no dropout)."""
+  return 'rngs' in inspect.signature(model.apply).parameters
+
+
 def probe(name: str, estimator: Estimator, model, groups: Sequence[ChannelGroup], params,
           batch_stats, masks: Mapping[str, Any], batch: Mapping[str, Any],
           step: int = 0) -> None:
@@ -124,7 +131,8 @@ def probe(name: str, estimator: Estimator, model, groups: Sequence[ChannelGroup]
 
   def scores_of(params, batch_stats, masks, batch):
     ctx = ScoreContext(model, groups, params, batch_stats, masks, batch, train=True,
-                       step=jnp.asarray(step, jnp.int32))
+                       step=jnp.asarray(step, jnp.int32),
+                       rngs=jax.random.key(0) if takes_rngs(model) else None)
     return estimator(ctx)
 
   try:
@@ -150,6 +158,8 @@ class ScoreContext:
     step: optional int32 scalar (the train step) that seeds the randomised estimators
       (``random``, Hutchinson ``obd``) so that they draw new numbers every minibatch, the same on
       every device.
+    rngs: the dropout key of this step and device for a model whose ``apply`` takes ``rngs``
+      (the train step's), so that re-running the model sees the step's own dropout masks.
   """
 
   model: Any
@@ -161,6 +171,7 @@ class ScoreContext:
   train: bool = True
   axis_name: Optional[str] = None
   step: Optional[jax.Array] = None
+  rngs: Optional[jax.Array] = None
   cache: dict = dataclasses.field(default_factory=dict)
 
   # -- reductions across devices ---------------------------------------------------------
@@ -186,8 +197,9 @@ class ScoreContext:
   def logits(self, params, gates) -> jax.Array:
     variables = {'params': params, 'batch_stats': self.batch_stats}
     if self.train:
+      rngs = {} if self.rngs is None else {'rngs': self.rngs}
       out, _ = self.model.apply(variables, self.batch['image'], gates=gates, train=True,
-                                mutable=['batch_stats'])
+                                mutable=['batch_stats'], **rngs)
       return out
     return self.model.apply(variables, self.batch['image'], gates=gates, train=False)
 

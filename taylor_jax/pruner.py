@@ -317,11 +317,14 @@ class Pruner:
   def widths(self) -> dict[str, int]:
     return dict(self.model.widths)
 
-  def apply(self, variables, x, *, train: bool = False, mutable: Any = False):
+  def apply(self, variables, x, *, train: bool = False, mutable: Any = False, rngs: Any = None):
     """The current (possibly pruned) network: ``apply({'params', 'batch_stats'}, x)``; with
     ``train=True, mutable=['batch_stats']`` returns ``(out, {'batch_stats': ...})``. Jit a step
-    that calls it again after a pruning step (shapes change, so jit retraces on its own)."""
-    return self.model.apply(variables, x, train=train, mutable=mutable)
+    that calls it again after a pruning step (shapes change, so jit retraces on its own).
+    ``rngs``: for a model with dropout, a new key each training step (Linen: the ``'dropout'``
+    stream; NNX: every RNG stream, reseeded from it) or ``{stream: key}``."""
+    return self.model.apply(variables, x, train=train, mutable=mutable,
+                            **({} if rngs is None else {'rngs': rngs}))
 
   # -- device side ---------------------------------------------------------------------------------
   def init(self) -> PrunerState:
@@ -331,18 +334,20 @@ class Pruner:
                        score_ema=dict(zeros))
 
   def scores(self, params, grads, *, batch_stats: Any = None, batch: Any = None,
-             axis_name: Optional[str] = None, step: Any = None) -> dict[str, jax.Array]:
+             axis_name: Optional[str] = None, step: Any = None, rngs: Any = None
+             ) -> dict[str, jax.Array]:
     """One minibatch's per-unit scores (jittable). ``grads``: ``dL/dparams`` of your step
     (same tree as ``params``; inside a data-parallel step, give ``axis_name`` and un-averaged
     per-device gradients, or averaged ones and no ``axis_name``). ``batch``
-    (``{'image', 'label'}``) only for estimators that run the model (Hessian products, FG)."""
+    (``{'image', 'label'}``) only for estimators that run the model (Hessian products, FG);
+    ``rngs``: then the step's dropout key, as given to :meth:`apply`."""
     groups = self.model.groups()
     grads = jax.lax.pmean(grads, axis_name) if axis_name is not None else grads
     ctx = estimators.ScoreContext(
         self.model, groups, params, batch_stats or {},
         {k: jnp.ones((w,), jnp.float32) for k, w in self.model.widths.items()},
         batch if batch is not None else _NoBatch(self.estimator_name), train=True,
-        axis_name=axis_name, step=step)
+        axis_name=axis_name, step=step, rngs=rngs)
     ctx.set_grads(grads, masking.gate_grads_from_params(groups, params, grads))
     return {k: jnp.asarray(v, jnp.float32) for k, v in self.estimator(ctx).items()}
 

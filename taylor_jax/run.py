@@ -292,7 +292,8 @@ class _Job:
     self.groups = self.model.groups()
     self.tx = self.tx_for(phase)
     self.train_step = train.make_train_step(
-        self.model, self.tx, self.mesh, self.estimator if phase == 'prune' else None, self.groups)
+        self.model, self.tx, self.mesh, self.estimator if phase == 'prune' else None, self.groups,
+        dropout_seed=self.config.seed)
     self.eval_step = train.make_eval_step(self.model, self.mesh)
 
   def fresh_state(self, widths, phase: str, seed: int):

@@ -140,7 +140,7 @@ def compiler_options(options: Any = 'auto') -> Optional[dict[str, Any]]:
 
 def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
                     estimator: Optional[est_lib.Estimator] = None,
-                    groups=None, xla_options: Any = 'auto'
+                    groups=None, xla_options: Any = 'auto', dropout_seed: int = 0
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted data-parallel train step ``(state, batch) -> (state, metrics)``.
@@ -150,15 +150,23 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
   (whether every updated weight is finite). With an
   ``estimator``, its per-unit scores of this minibatch (zeroed at pruned units) are added to
   ``state.score_sum``. ``xla_options``: compiler options of the jit (see
-  :func:`compiler_options`).
+  :func:`compiler_options`). A model whose ``apply`` takes ``rngs`` (a user's Linen or NNX model:
+  dropout) gets the key ``fold_in(fold_in(key(dropout_seed), step), device index)``: a new mask
+  every step and device, the same again after a resume.
   """
   sync_model = model.clone(axis_name=DATA_AXIS)
+  takes_rngs = est_lib.takes_rngs(model)
   groups = tuple(model.groups()) if groups is None else tuple(groups)
   after_norm = {g.name for g in groups if g.gate_after_norm}
 
   def per_device(state: TrainState, batch):
+    rngs = {}
+    if takes_rngs:
+      key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+      rngs = {'rngs': jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))}
     ctx = est_lib.ScoreContext(sync_model, groups, state.params, state.batch_stats, state.masks,
-                               batch, train=True, axis_name=DATA_AXIS, step=state.step)
+                               batch, train=True, axis_name=DATA_AXIS, step=state.step,
+                               rngs=rngs.get('rngs'))
 
     # Gates right after a BN get dL/dz from the BN gradients (masking.gate_grads_from_norm);
     # only the others are differentiated, which saves a reduction over their activations.
@@ -168,7 +176,7 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh: Mesh,
     def loss_fn(params, diff_gates):
       logits, updates = sync_model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-          gates={**fixed_gates, **diff_gates}, train=True, mutable=['batch_stats'])
+          gates={**fixed_gates, **diff_gates}, train=True, mutable=['batch_stats'], **rngs)
       loss = jnp.mean(losses.cross_entropy(logits, batch['label']))
       return loss, (logits, updates['batch_stats'])
 

@@ -155,10 +155,15 @@ class LinenModel(_Adapter):
                                       rng, jnp.asarray(x))
     return self._slice_to_widths(jax.tree.map(lambda a: a, dict(variables)))
 
-  def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False):
+  def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False,
+            rngs: Any = None):
+    """``rngs``: a key (the ``'dropout'`` stream) or ``{stream: key}``, for a module that draws
+    random numbers in training."""
     params = _gated_params(variables['params'], self.groups(), gates)
+    if rngs is not None and not isinstance(rngs, Mapping):
+      rngs = {'dropout': rngs}
     return resize.linen_apply(self.module, {**variables, 'params': params}, x,
-                              mutable=mutable, **self._mode(train))
+                              mutable=mutable, rngs=rngs, **self._mode(train))
 
 
 class NNXModel(_Adapter):
@@ -217,14 +222,39 @@ class NNXModel(_Adapter):
     del x  # an NNX model is built with its shapes
     return _split(self._at_widths(self.build(nnx.Rngs(rng))))[1]
 
-  def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False):
+  def apply(self, variables, x, gates=None, train: bool = False, mutable: Any = False,
+            rngs: Any = None):
+    """``rngs``: a key, or ``{stream: key}``, for a model with RNG streams (``nnx.Dropout``):
+    in training they are reseeded from it on every call (the model's own RNG state is not
+    carried between jitted calls, so a missing key would repeat one dropout mask)."""
     graphdef, *states = self._graphdef
     params = _gated_params(variables['params'], self.groups(), gates)
     model = _merge(graphdef, states, {**variables, 'params': params}, train=train)
+    tags = sorted({n.key.tag for _, n in nnx.iter_graph(model) if isinstance(n, nnx.RngStream)})
+    if train and tags:
+      nnx.reseed(model, **_stream_keys(rngs, tags))
     out = model(x)
     if not mutable:
       return out
     return out, {'batch_stats': nnx.state(model, nnx.BatchStat).to_pure_dict()}
+
+
+def _stream_keys(rngs: Any, tags: Sequence[str]) -> dict[str, Any]:
+  """One key per RNG stream of an NNX model: ``rngs[tag]``, or ``fold_in(rngs, i)`` for the
+  i-th stream name in sorted order."""
+  if rngs is None:
+    raise ValueError(
+        f'this NNX model draws random numbers in training (RNG streams {list(tags)}, e.g. '
+        f'nnx.Dropout): pass a new key every step, apply(..., train=True, rngs=key) '
+        f'(taylor_jax.Pruner.apply). Estimators that run the model themselves (taylor_so, '
+        f'the oracle) need a model without them.')
+  if isinstance(rngs, Mapping):
+    missing = [t for t in tags if t not in rngs]
+    if missing:
+      raise ValueError(f'rngs has no key for the RNG stream(s) {missing} of the NNX model '
+                       f'(it has {sorted(rngs)}); pass one key, or one per stream')
+    return {t: rngs[t] for t in tags}
+  return {t: jax.random.fold_in(rngs, i) for i, t in enumerate(tags)}
 
 
 def _attention_head_dims_whole(model: nnx.Module, groups):
