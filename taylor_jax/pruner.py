@@ -30,6 +30,7 @@ between pruning steps is the smaller one.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -296,6 +297,7 @@ class Pruner:
     self.target, self.tx = target, tx
     self.user_model = model if isinstance(model, nnx.Module) else None
     self.input_shape = tuple(np.shape(example_input))[1:]
+    self.input_dtype = getattr(example_input, 'dtype', np.float32)
     self.model = _adapter(model, example_input, train_kwarg=train_kwarg, keep_whole=keep_whole,
                           prune_marked=prune_marked)
     check_target_feasible(target, self.model, self.input_shape, self.schedule.constraints)
@@ -402,6 +404,53 @@ class Pruner:
         score_ema={k: jnp.asarray(v[np.flatnonzero(masks[k])], jnp.float32)
                    for k, v in ema.items()})
     return PruneStep(new_vars, new_opt, new_state, record)
+
+  # -- saving and resuming -------------------------------------------------------------------------
+  def state_dict(self) -> dict[str, Any]:
+    """The host-side progress (widths, call and pruning-step counters, history), JSON-ready.
+
+    Save it with your checkpoint of ``variables``, ``opt_state`` and the :class:`PrunerState`
+    (their shapes follow the widths); to resume, build the Pruner as before and :meth:`restore`."""
+    return json.loads(json.dumps(
+        {'setup': self._setup(), 'widths': self.widths, 'calls': self.calls,
+         'prune_steps': self.prune_steps, 'done': self.done, 'history': self.history},
+        default=lambda o: o.item() if isinstance(o, np.generic) else o.tolist()))
+
+  def restore(self, saved: Mapping[str, Any]) -> None:
+    """Brings a Pruner just built (same model, example input, target, estimator, schedule)
+    to the progress of :meth:`state_dict`: the network takes the saved widths (an NNX model
+    given to the Pruner is shrunk in place; its weights are placeholders until
+    ``load(your restored variables)``) and the counters and history continue. Restore your
+    checkpoint's arrays with the shapes of :meth:`abstract_variables` (and ``tx.init`` of them).
+    Raises, naming the difference, if the Pruner was built otherwise or has already stepped."""
+    if self.calls or self.history:
+      raise ValueError(f'Pruner.restore needs a Pruner just built; this one has been called '
+                       f'{self.calls} time(s)')
+    diff = {k: (v, self._setup().get(k)) for k, v in saved['setup'].items()
+            if self._setup().get(k) != v}
+    if diff:
+      raise ValueError('the saved pruning progress is of another Pruner set-up: ' + '; '.join(
+          f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items()) +
+          '. Build the Pruner with the same model, example input, target, estimator and schedule.')
+    widths = {k: int(v) for k, v in saved['widths'].items()}
+    self.model = self.model.clone(widths=widths)
+    if self.user_model is not None:
+      sliced = self.model._slice_to_widths(nnx_variables(self.user_model))
+      self.load(sliced)
+    self.calls, self.prune_steps = int(saved['calls']), int(saved['prune_steps'])
+    self.done, self.history = bool(saved['done']), list(saved['history'])
+
+  def abstract_variables(self) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of the current widths as ``jax.ShapeDtypeStruct`` (what a
+    checkpoint restore needs, e.g. ``orbax``'s ``args.StandardRestore``)."""
+    x = jnp.zeros((1, *self.input_shape), self.input_dtype)
+    v = jax.eval_shape(lambda: self.model.init(jax.random.key(0), x))
+    return {'params': v['params'], 'batch_stats': v.get('batch_stats', {})}
+
+  def _setup(self) -> dict[str, Any]:
+    return {'full_widths': dict(self.full.widths), 'input_shape': list(self.input_shape),
+            'target': self.target.describe(), 'estimator': self.estimator_name,
+            'schedule': repr(self.schedule)}
 
   def load(self, variables: Mapping[str, Any]) -> Optional[nnx.Module]:
     """Puts ``variables`` (of the current widths) into the NNX model given to the Pruner and

@@ -6,6 +6,7 @@ bad input is refused before any work."""
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,61 @@ def test_nnx_model_pruned_in_place():
                                                    'bn2' in k)]
   model.eval()
   np.testing.assert_allclose(model(X), pr.apply(variables, X), atol=1e-5)
+
+
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_an_interrupted_loop_resumes_to_the_same_network(api):
+  """Saved after the first pruning step (mid-period: scores summed, EMA set) and resumed in a
+  fresh Pruner and model, the loop ends where the uninterrupted one does."""
+  tx = optax.sgd(0.01, momentum=0.9)
+
+  def build():
+    if api == 'linen':
+      module = LinenNet()
+      variables = module.init(jax.random.key(0), X[:2])
+    else:
+      module = NNXNet(rngs=nnx.Rngs(0))
+      variables = pruner_lib.nnx_variables(module)
+    pr = taylor_jax.Pruner(module, X[:2], target=Target(units=9), frequency=2,
+                           units_per_step=3, tx=tx)
+    return module, pr, variables
+
+  def loop(resume_after=None):
+    module, pr, variables = build()
+    step = _train_step(pr, tx)
+    opt_state, pstate = tx.init(variables['params']), pr.init()
+    for i in range(8):
+      variables, opt_state, pstate, _ = step(variables, opt_state, pstate, X, Y)
+      res = pr.step(pstate, variables, opt_state)
+      if res:
+        variables, opt_state, pstate = res.variables, res.opt_state, res.state
+      if i == resume_after:  # a checkpoint, then a new process
+        saved = json.dumps(pr.state_dict())
+        arrays = jax.device_get((variables, opt_state, pstate))
+        module, pr, _ = build()
+        pr.restore(json.loads(saved))
+        assert jax.tree.map(np.shape, pr.abstract_variables()) == \
+            jax.tree.map(np.shape, arrays[0])
+        variables, opt_state, pstate = jax.device_put(arrays)
+        step = _train_step(pr, tx)
+    assert pr.done and len(pr.history) == 3
+    if api == 'nnx':
+      pr.load(variables)
+      module.eval()
+      np.testing.assert_allclose(module(X), pr.apply(variables, X), atol=1e-5)
+    return pr, variables
+
+  pr_a, a = loop()
+  pr_b, b = loop(resume_after=2)
+  assert pr_a.history == pr_b.history and pr_a.widths == pr_b.widths
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+  module, _, _ = build()
+  other = taylor_jax.Pruner(module, X[:2], target=Target(units=6), frequency=2,
+                            units_per_step=3, tx=tx)
+  with pytest.raises(ValueError, match=r"target: saved '9 units removed', now '6 units removed'"):
+    other.restore(pr_a.state_dict())
 
 
 def test_bad_input_refused_before_work():
