@@ -282,16 +282,29 @@ def shrink_opt_state(tx: optax.GradientTransformation, opt_state: Any, params: M
   keep their state at the kept positions; arrays a matrix selection touches get zeros.
   """
   sel_tree = _selection_tree(params, sels, ('params',))
-  new = optax.tree_map_params(tx, lambda x, s: _select_state_leaf(x, s.sels), opt_state, sel_tree,
-                              transform_non_params=lambda x: x)
+  # A part shaped unlike its parameter is not a per-element copy of it: Adafactor's (1,)
+  # placeholders stay as they are; its factored row/column moments (averages over units that
+  # are removed) cannot be shrunk exactly and fail the check below.
+  new = optax.tree_map_params(
+      tx, lambda x, s, p: _select_state_leaf(x, s.sels) if np.shape(x) == np.shape(p) else x,
+      opt_state, sel_tree, params, transform_non_params=lambda x: x)
   # Check against what ``tx.init`` makes for the shrunk params: a parameter-shaped part of the
   # state that tree_map_params did not recognise would keep its old shape.
   new_params = apply_selections({'params': params}, sels)['params']
-  want = jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(tx.init, new_params))
+  want_tree = jax.eval_shape(tx.init, new_params)
+  want = jax.tree.map(lambda a: tuple(a.shape), want_tree)
   got = jax.tree.map(lambda a: tuple(np.shape(a)), new)
   if want != got:
-    raise ValueError('the shrunk optimizer state does not match tx.init of the shrunk params; '
-                     'is opt_state the state of this tx?')
+    wrong = [(jax.tree_util.keystr(k), np.shape(g), tuple(w.shape)) for (k, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(want_tree))
+        if np.shape(g) != tuple(w.shape)]
+    raise ValueError(
+        f'the shrunk optimizer state does not match tx.init of the shrunk params '
+        f'({len(wrong)} part(s), e.g. {wrong[:2]}: path, shape kept, shape needed). Either '
+        f'opt_state is not the state of this tx, or it holds statistics shared across units '
+        f'(e.g. Adafactor\'s factored moments), which no selection makes exact: use an optimizer '
+        f'with per-element state (SGD, Adam, Lion, ...), or prune without it '
+        f'(Pruner.step(..., opt_state=None)) and start a new one with tx.init(new params).')
   return new
 
 

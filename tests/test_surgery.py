@@ -272,7 +272,11 @@ def test_shrink_train_state_host_equals_device():
                                      lambda: optax.sgd(0.1),  # no parameter-shaped state
                                      lambda: optax.chain(optax.clip_by_global_norm(1.0),
                                                          optax.inject_hyperparams(optax.sgd)(
-                                                             learning_rate=0.1, momentum=0.9))])
+                                                             learning_rate=0.1, momentum=0.9)),
+                                     lambda: optax.MultiSteps(optax.adam(1e-3), 4),
+                                     lambda: optax.contrib.schedule_free_adamw(1e-3),
+                                     # unfactored: per-element v, (1,) placeholders kept
+                                     lambda: optax.adafactor(1e-3, min_dim_size_to_factor=10**6)])
 def test_opt_state_shapes_follow_params(make_tx):
   model, variables = setup('lenet3')
   tx = make_tx()
@@ -283,6 +287,17 @@ def test_opt_state_shapes_follow_params(make_tx):
   assert jax.tree.map(lambda a: a.shape, want) == jax.tree.map(np.shape, new.opt_state)
   want_p = jax.eval_shape(small.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params']
   assert jax.tree.map(lambda a: a.shape, want_p) == jax.tree.map(np.shape, new.params)
+
+
+def test_factored_optimizer_state_is_refused_naming_the_fix():
+  # Adafactor's row/column moments average over units that pruning removes: no selection of
+  # them is the smaller network's state.
+  model, variables = setup('lenet3')
+  tx = optax.adafactor(1e-3, min_dim_size_to_factor=8)
+  state = train.create_train_state(variables, tx, widths=model.widths)
+  masks = random_masks(model, 0, 0.5)
+  with pytest.raises(ValueError, match=r"v_row.*factored moments.*opt_state=None"):
+    surgery.shrink_train_state(state.replace(masks=masks), model, tx)
 
 
 def test_emptied_group_raises():
