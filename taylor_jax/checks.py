@@ -31,8 +31,8 @@ class GroupCheckError(ValueError):
 
 
 def _abstract_init(model, input_shape):
-  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  x = model_common.example_input(model, input_shape)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
 
 def check_coverage(model, input_shape: Sequence[int]) -> None:
@@ -95,7 +95,7 @@ def probe_surgery(model, variables: Mapping[str, Any], input_shape: Sequence[int
   naming the groups whose surgery alone differs when it exceeds ``tolerance``."""
   groups = model.groups() if groups is None else groups
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((batch,) + tuple(input_shape)), jnp.float32)
+  x = model_common.example_input(model, input_shape, batch, rng)
   ones = {g.name: np.ones(g.width, np.float32) for g in groups}
   masks = dict(ones)
   for g in groups:
@@ -119,7 +119,7 @@ def probe_surgery(model, variables: Mapping[str, Any], input_shape: Sequence[int
 
 def structure(model, input_shape: Sequence[int]) -> tuple[str, ...]:
   """The primitives of one eval forward pass, in order (nested jaxprs included)."""
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  x = model_common.example_input(model, input_shape)
   variables = _abstract_init(model, input_shape)
   with model_common.reference_convolutions():
     closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)

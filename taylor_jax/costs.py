@@ -129,7 +129,7 @@ def jaxpr_macs(closed_jaxpr, count_padding: bool = True) -> int:
 
 
 def _abstract_variables(model, input_shape: Shape):
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  x = model_common.example_input(model, input_shape)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape, x.dtype))), x
 
 
@@ -237,7 +237,7 @@ def xla_flops(model, variables: Mapping[str, Any], input_shape: Shape,
       +2.6% on ResNet-101 at 32x32), a property of the compiled program, not of the network.
       False: the module as lowered from JAX (``jit(...).lower(...)``), one count per op.
   """
-  x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+  x = model_common.example_input(model, input_shape)
   fn = lambda v, xx: model.apply(v, xx, train=False)
   variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
   with model_common.reference_convolutions():
@@ -303,8 +303,8 @@ def compare_latency(nets: Mapping[str, tuple[Any, Mapping[str, Any], Optional[Ma
   calls), so load that comes and goes hits all of them alike. Per network: the statistics of the
   round with the lowest median (the least disturbed), in ms per batch, plus ``round_medians``.
   """
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (batch_size,) + tuple(input_shape)).astype(np.float32))
+  first = next(iter(nets.values()))[0]
+  x = model_common.example_input(first, input_shape, batch_size, np.random.default_rng(0))
   calls = {}
   for name, (model, variables, masks) in nets.items():
     gates = None if masks is None else jax.device_put(
@@ -346,7 +346,7 @@ def latency_table(model, input_shape: Shape, widths: Mapping[str, Sequence[int]]
   convolutions XLA:CPU hands to YNNPACK). Every network is timed in turn with the others
   (:func:`compare_latency`); weights are zeros, as latency depends on shapes only.
   """
-  x = np.zeros((1,) + tuple(input_shape), np.float32)
+  x = jnp.zeros((1,) + tuple(input_shape), model_common.input_dtype(model))
 
   def zeros_like_init(m):
     shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))

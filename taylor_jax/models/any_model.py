@@ -102,6 +102,11 @@ class _Adapter:
   def full_widths(self) -> dict[str, int]:
     return self.found.full_widths
 
+  @property
+  def input_dtype(self):
+    """The example input's dtype (token ids: an integer type), which costs and checks use."""
+    return self.example_input.dtype
+
   def _slice_to_widths(self, variables):
     from taylor_jax import surgery
     if self.widths == self.full_widths:

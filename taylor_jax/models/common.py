@@ -44,6 +44,24 @@ def run_once(fn, *args):
   return jax.jit(fn).lower(*args).compile(compiler_options=_RUN_ONCE_OPTIONS)(*args)
 
 
+def input_dtype(model) -> Any:
+  """The dtype of the model's input: a user model's example input's (token ids: int32), else
+  float32 (images)."""
+  return getattr(model, 'input_dtype', jnp.float32)
+
+
+def example_input(model, input_shape, batch: int = 1, rng=None) -> Any:
+  """A batch for the model: abstract (``jax.ShapeDtypeStruct``) without ``rng``; with a numpy
+  ``rng``, standard normal values, or for integer inputs ids 0 and 1 (valid for any
+  vocabulary of two or more)."""
+  shape, dtype = (batch,) + tuple(input_shape), input_dtype(model)
+  if rng is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.asarray(rng.integers(0, 2, shape), dtype)
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
 def gate(x: Array, gates: Optional[Mapping[str, Array]], name: str) -> Array:
   """Multiplies the channel (last) axis of ``x`` by the gate of group ``name``.
 
