@@ -97,6 +97,35 @@ def nnx_variables(model: nnx.Module) -> dict[str, Any]:
   return any_model._split(model)[1]
 
 
+def _pure_params(tree: Any) -> Any:
+  """An ``nnx.State`` (of ``nnx.grad``, ``nnx.state``) as the nested dict of arrays that
+  :func:`nnx_variables` gives; anything else as it is."""
+  return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+
+def _nnx_opt_state(optimizer: nnx.Optimizer) -> Any:
+  """The optax state of an ``nnx.Optimizer`` with its parameter mirrors as nested dicts (the
+  tree ``tx.init(nnx_variables(model)['params'])`` makes)."""
+  is_state = lambda x: isinstance(x, nnx.State)
+  return jax.tree.map(lambda s: s.to_pure_dict() if is_state(s) else s,
+                      nnx.as_pure(optimizer.opt_state), is_leaf=is_state)
+
+
+def _set_nnx_opt_state(optimizer: nnx.Optimizer, model: nnx.Module, new: Any) -> None:
+  """Puts ``new`` (:func:`_nnx_opt_state`'s form, of the pruned model) into ``optimizer``."""
+  from flax.nnx.training.optimizer import to_opt_state
+  is_state = lambda x: isinstance(x, nnx.State)
+  template = jax.eval_shape(optimizer.tx.init, nnx.as_pure(nnx.state(model, optimizer.wrt)))
+
+  def fill(t, v):
+    if is_state(t):
+      t.replace_by_pure_dict(v)
+      return t
+    return v
+  optimizer.opt_state = nnx.data(to_opt_state(jax.tree.map(fill, template, new,
+                                                           is_leaf=is_state)))
+
+
 def _adapter(model: Any, example_input: Any, *, train_kwarg: Optional[str],
              keep_whole: Sequence[str], prune_marked: bool):
   """The model behind the library's model protocol (groups, widths, clone, apply)."""
@@ -342,7 +371,12 @@ class Pruner:
     (same tree as ``params``; inside a data-parallel step, give ``axis_name`` and un-averaged
     per-device gradients, or averaged ones and no ``axis_name``). ``batch``
     (``{'image', 'label'}``) only for estimators that run the model (Hessian products, FG);
-    ``rngs``: then the step's dropout key, as given to :meth:`apply`."""
+    ``rngs``: then the step's dropout key, as given to :meth:`apply`. In an ``nnx.jit`` step,
+    ``params`` may be the NNX model itself and ``grads`` the ``nnx.State`` of ``nnx.grad``."""
+    if isinstance(params, nnx.Module):
+      params, batch_stats = (lambda v: (v['params'], batch_stats or v['batch_stats']))(
+          nnx_variables(params))
+    params, grads = _pure_params(params), _pure_params(grads)
     groups = self.model.groups()
     grads = jax.lax.pmean(grads, axis_name) if axis_name is not None else grads
     ctx = estimators.ScoreContext(
@@ -360,15 +394,34 @@ class Pruner:
                          score_count=state.score_count + 1)
 
   # -- host side -----------------------------------------------------------------------------------
-  def step(self, state: PrunerState, variables: Mapping[str, Any], opt_state: Any = None
+  def step(self, state: PrunerState, variables: Any, opt_state: Any = None
            ) -> Optional[PruneStep]:
     """Call once per training step, after it. Every ``frequency``-th call (until the target is
     reached) prunes: ranks the period's scores, removes the lowest units from ``variables`` and
     ``opt_state`` and returns a :class:`PruneStep`; otherwise returns None without reading
-    anything from the device."""
+    anything from the device.
+
+    NNX objects as they are: ``step(pstate, model, optimizer)`` with the model given to the
+    Pruner and its ``nnx.Optimizer`` prunes both in place (the PruneStep's variables and
+    opt_state are then the same arrays in pure form)."""
     self.calls += 1
     if self.done or self.calls % self.schedule.frequency:
       return None
+    optimizer = opt_state if isinstance(opt_state, nnx.Optimizer) else None
+    if isinstance(variables, nnx.Module):
+      if variables is not self.user_model:
+        raise ValueError('Pruner.step got an NNX model other than the one the Pruner was built '
+                         'with (the Pruner prunes that object in place)')
+      variables = nnx_variables(variables)
+    elif optimizer is not None:
+      raise ValueError('Pruner.step got an nnx.Optimizer: pass the NNX model with it, '
+                       'step(pstate, model, optimizer)')
+    if optimizer is not None:
+      if self.tx is not None and self.tx is not optimizer.tx:
+        raise ValueError('the nnx.Optimizer has another tx than Pruner(tx=...): pass the same '
+                         'one, or none to the Pruner')
+      self.tx = optimizer.tx
+      opt_state = _nnx_opt_state(optimizer)
     if opt_state is not None and self.tx is None:
       raise ValueError('Pruner.step got an opt_state but the Pruner has no tx: pass '
                        'Pruner(..., tx=your_optimizer) so its state can be shrunk')
@@ -388,6 +441,8 @@ class Pruner:
     self.model = smaller
     self.prune_steps += 1
     self.load(new_vars)
+    if optimizer is not None:
+      _set_nnx_opt_state(optimizer, self.user_model, new_opt)
     record = {'prune_step': self.prune_steps, 'call': self.calls,
               **size_record(self.model, self.input_shape, new_vars['params'], self.full),
               'widths': self.widths,

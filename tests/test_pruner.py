@@ -231,6 +231,54 @@ def test_an_interrupted_loop_resumes_to_the_same_network(api):
     other.restore(pr_a.state_dict())
 
 
+def test_an_idiomatic_nnx_loop_prunes_model_and_optimizer_like_the_functional_loop():
+  """nnx.jit over the model and an nnx.Optimizer, pruner.step(pstate, model, optimizer): the
+  same network, optimizer state and history as the functional loop over pure variables."""
+  tx = optax.adam(1e-2)
+  kw = dict(target=Target(units=6), frequency=2, units_per_step=3)
+
+  model = NNXNet(rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  pr = taylor_jax.Pruner(model, X[:2], **kw)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, pstate):
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(X), Y).mean()
+    grads = nnx.grad(loss_fn)(model)
+    pstate = pr.accumulate(pstate, model, grads)
+    optimizer.update(model, grads)
+    return pstate
+
+  pstate = pr.init()
+  model.train()
+  for _ in range(6):
+    pstate = nnx_step(model, optimizer, pstate)
+    res = pr.step(pstate, model, optimizer)
+    if res:
+      pstate = res.state
+
+  ref_model = NNXNet(rngs=nnx.Rngs(0))
+  ref = taylor_jax.Pruner(ref_model, X[:2], tx=tx, **kw)
+  step = _train_step(ref, tx)
+  variables = pruner_lib.nnx_variables(ref_model)
+  opt_state, ref_state = tx.init(variables['params']), ref.init()
+  for _ in range(6):
+    variables, opt_state, ref_state, _ = step(variables, opt_state, ref_state, X, Y)
+    res = ref.step(ref_state, variables, opt_state)
+    if res:
+      variables, opt_state, ref_state = res.variables, res.opt_state, res.state
+
+  assert pr.done and [r['widths'] for r in pr.history] == [r['widths'] for r in ref.history]
+  close = lambda a, b: [np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+                        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  assert jax.tree.structure(pruner_lib.nnx_variables(model)) == jax.tree.structure(variables)
+  close(pruner_lib.nnx_variables(model), variables)
+  close(pruner_lib._nnx_opt_state(optimizer), opt_state)
+  with pytest.raises(ValueError, match='other than the one'):
+    pr2 = taylor_jax.Pruner(NNXNet(rngs=nnx.Rngs(1)), X[:2], target=Target(units=6), frequency=1)
+    pr2.step(pr2.init(), model, optimizer)
+
+
 def test_bad_input_refused_before_work():
   module, variables = _linen()
   with pytest.raises(ValueError, match='exactly one of'):
