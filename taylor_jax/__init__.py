@@ -5,7 +5,7 @@ The public pruning API for your own loop is ``taylor_jax.Pruner`` with ``taylor_
 """
 
 _PUBLIC = {'Pruner': 'pruner', 'PrunerState': 'pruner', 'PruneStep': 'pruner', 'Schedule': 'pruner',
-           'Target': 'engine', 'Constraints': 'engine'}
+           'Target': 'engine', 'Constraints': 'engine', 'prune_once': 'pruner'}
 
 
 def __getattr__(name):

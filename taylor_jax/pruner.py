@@ -30,8 +30,9 @@ between pruning steps is the smaller one.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import flax.struct
@@ -46,7 +47,7 @@ from taylor_jax.engine import Constraints, Target
 from taylor_jax.models import any_model
 
 __all__ = ['Pruner', 'PrunerState', 'PruneStep', 'Schedule', 'Target', 'Constraints',
-           'nnx_variables', 'prune_period', 'check_target_feasible']
+           'nnx_variables', 'prune_once', 'prune_period', 'check_target_feasible']
 
 
 @flax.struct.dataclass
@@ -539,3 +540,63 @@ class Pruner:
       lines.append(f"| {r['prune_step']} | {r['call']} | {r['units_kept']} | {r['flops']:,} | "
                    f"{1 - r['flops_ratio']:.1%} | {r['params']:,} |")
     return '\n'.join(lines)
+
+
+def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iterable[Any], *,
+               target: Target, loss_fn: Optional[Callable[[Any, Any], Any]] = None,
+               train: bool = False, **options: Any) -> tuple[dict[str, Any], Pruner]:
+  """One-shot pruning of a trained model: scores summed over ``batches`` (``(x, y)`` pairs),
+  then the lowest units removed globally until ``target``, in one surgery.
+
+  Args:
+    model: a Linen module, an NNX module (``variables=None``: its own; pruned in place) or a
+      taylor_jax model.
+    variables: ``{'params', 'batch_stats'}`` of the trained model (Linen, zoo).
+    batches: iterable of ``(x, y)``; ``x[:2]`` of the first is the example input.
+    target: where to stop (:class:`Target`); it is reached in this one step or an error says why.
+    loss_fn: ``(logits, y) -> scalar``; default: softmax cross-entropy, integer labels.
+    train: BatchNorm mode while scoring (default False: the trained statistics).
+    options: :class:`Pruner` arguments (``estimator``, ``train_kwarg``, ``keep_whole``,
+      ``constraints``, ``normalize``, ``rank_by``, ...).
+
+  Returns ``(smaller variables, pruner)``: ``pruner.apply`` runs the smaller network,
+  ``pruner.history[-1]`` is the record (widths, MACs, parameters, removed units).
+  """
+  loss_fn = loss_fn or (lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(
+      logits, y).mean())
+  batches = iter(batches)
+  try:
+    x0, y0 = next(batches)
+  except StopIteration:
+    raise ValueError('prune_once needs at least one (x, y) batch to score the units on') from None
+  unknown = {'frequency', 'units_per_step', 'max_steps'} & set(options)
+  if unknown:
+    raise TypeError(f'prune_once prunes in one step; {sorted(unknown)} do not apply')
+  pr = Pruner(model, np.asarray(x0)[:2], target=target, frequency=1,
+              units_per_step=np.iinfo(np.int32).max, **options)
+  if variables is None:
+    if pr.user_model is None:
+      raise ValueError('prune_once needs the variables of a Linen or zoo model')
+    variables = nnx_variables(pr.user_model)
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+  @jax.jit  # variables as an argument: captured, they would be compiled in as constants
+  def accumulate(pstate, variables, x, y):
+    def loss(params):
+      out = pr.apply({**variables, 'params': params}, x, train=train,
+                     mutable=['batch_stats'] if train else False)
+      return loss_fn(out[0] if train else out, y)
+    grads = jax.grad(loss)(variables['params'])
+    return pr.accumulate(pstate, variables['params'], grads,
+                         batch_stats=variables['batch_stats'], batch={'image': x, 'label': y})
+
+  pstate = pr.init()
+  for x, y in itertools.chain([(x0, y0)], batches):
+    pstate = accumulate(pstate, variables, x, y)
+  result = pr.step(pstate, variables)
+  if not pr.done:
+    last = pr.history[-1]
+    raise ValueError(f'prune_once stopped short of {target.describe()}: {last["units_kept"]} '
+                     f'units kept, {1 - last["flops_ratio"]:.1%} fewer FLOPs (the constraints '
+                     f'leave no more units to remove)')
+  return result.variables, pr

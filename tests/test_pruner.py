@@ -391,3 +391,39 @@ def test_a_structure_that_follows_the_widths_is_refused_at_the_pruning_step():
   with pytest.raises(GroupCheckError, match='in_ch == out_ch'):
     pr.step(pstate, variables)
   assert pr.widths == {k: 8 for k in pr.widths} and not pr.history  # nothing changed
+
+
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_prune_once_removes_the_lowest_scored_units_to_the_target(api):
+  """One-shot: the units removed are the globally lowest by their Taylor-FO-BN score, computed
+  here independently as the squared gradient w.r.t. gates through the full network, summed
+  over the batches; the smaller network computes what the masked full one does."""
+  if api == 'linen':
+    module, variables = _linen()
+  else:
+    module = NNXNet(rngs=nnx.Rngs(0))
+    variables = pruner_lib.nnx_variables(module)
+  full = pruner_lib._adapter(module, X[:2], train_kwarg='train', keep_whole=(),
+                             prune_marked=False)
+  batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, 32, 8)]
+
+  def loss(gates, x, y):
+    out = full.apply(variables, x, gates=gates, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+  ones = {k: jnp.ones((w,)) for k, w in full.widths.items()}
+  score = {k: sum(np.square(jax.grad(loss)(ones, x, y)[k]) for x, y in batches) for k in ones}
+
+  small, pr = taylor_jax.prune_once(module, None if api == 'nnx' else variables, batches,
+                                    target=Target(flops=0.3), estimator='taylor_fo_bn')
+  record = pr.history[-1]
+  assert pr.done and 1 - record['flops_ratio'] >= 0.3
+  removed = {(k, i) for k, idx in record['removed'].items() for i in idx}
+  ranked = sorted(((float(v), k, i) for k in score for i, v in enumerate(score[k])
+                   if next(g for g in full.groups() if g.name == k).prunable))
+  assert removed == {(k, i) for _, k, i in ranked[:len(removed)]}
+  masks = {k: np.isin(np.arange(w), record['removed'].get(k, []), invert=True).astype(np.float32)
+           for k, w in full.widths.items()}
+  np.testing.assert_allclose(pr.apply(small, X), full.apply(variables, X, gates=masks),
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='at least one'):
+    taylor_jax.prune_once(LinenNet(), variables, [], target=Target(flops=0.3))
