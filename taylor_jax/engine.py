@@ -75,7 +75,9 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
   optional per-layer normalisation, off by default).
   """
   if score_count <= 0:
-    raise ValueError('no scores were accumulated in this pruning period')
+    raise ValueError('no scores were accumulated in this pruning period: the train step must '
+                     'add each minibatch\'s scores (Pruner.accumulate inside it, its returned '
+                     'state passed to Pruner.step)')
   out = {}
   for k, s in score_sum.items():
     mean = np.asarray(s, np.float64) / score_count

@@ -297,6 +297,8 @@ def test_bad_input_refused_before_work():
     pr.scores(variables['params'], grads)
   with pytest.raises(ValueError, match='no tx'):
     pr.step(pr.init(), variables, opt_state=optax.sgd(0.1).init(variables['params']))
+  with pytest.raises(ValueError, match='no scores were accumulated.*Pruner.accumulate'):
+    pr.step(pr.init(), variables)  # a step that never called accumulate
 
 
 class NoSwitchNet(nn.Module):
