@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.normalize = 'none'  # 'none' | 'l2' (per-group L2 normalisation of period means)
   c.prune.min_width = 1
   c.prune.max_share = 1.0
+  c.prune.max_share_per_group = ''  # e.g. 'stage1=0.2,stage3.*=0.5': overrides max_share
   c.prune.align = 1
   # Ranking: 'score' (the paper: lowest importance first), 'score_per_flop' / 'score_per_latency'
   # (importance per MAC / per millisecond a unit saves; latency from a table measured on this
@@ -277,7 +278,7 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
     _check(p.finetune_schedule in ('constant', 'cosine', 'step'),
            f"prune.finetune_schedule={p.finetune_schedule!r}: use 'constant', 'cosine' or 'step'")
     from taylor_jax.engine import Constraints
-    Constraints(p.min_width, p.max_share, p.align)
+    Constraints.from_config(p)
     if method.validate is not None:
       method.validate(c)
 
@@ -291,7 +292,7 @@ RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_s
 
 # Fields added after runs were saved, with the value that does what those runs did: a saved
 # config without them resumes as if it had them at these values.
-ADDED_LATER = {'data_mean': None, 'data_std': None}
+ADDED_LATER = {'data_mean': None, 'data_std': None, 'prune.max_share_per_group': ''}
 
 
 def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ pruning steps with an EMA (momentum 0.9, the first step takes the mean), and the
 groups without per-layer normalisation. Pruned units score 0 and are never revived.
 
 Constraints the reference lacks: a minimum width per group (default 1: no group is ever emptied),
-a maximum pruned share per group (relative to the unpruned width), and alignment of the kept
+a maximum pruned share per group (relative to the unpruned width; overridable per group), and alignment of the kept
 widths to a multiple of ``align`` (GPUs pay for odd channel counts). Alignment is of channel
 counts: a group of attention heads (``kind='heads'``) is never aligned, since each head is
 ``head_dim`` channels and any head count keeps the layer's channel count a multiple of them.
@@ -20,6 +20,7 @@ the cost: under a FLOPs or latency target it keeps more importance per unit of c
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -32,10 +33,14 @@ from taylor_jax.groups import ChannelGroup
 class Constraints:
   """Per-group limits. ``min_width``: units every group keeps; ``max_share``: largest share of a
   group's unpruned width that may be pruned; ``align``: kept widths rounded to a multiple of it
-  (1: off)."""
+  (1: off); ``max_share_per_group``: ``{group name or fnmatch pattern: share}`` overriding
+  ``max_share`` (the first matching entry; Torch-Pruning's ``pruning_ratio_dict``), also given
+  as ``'stage1=0.2,stage3.*=0.5'``. A pattern that matches no group is an error
+  (:meth:`check_patterns`)."""
   min_width: int = 1
   max_share: float = 1.0
   align: int = 1
+  max_share_per_group: Any = ()
 
   def __post_init__(self):
     if self.min_width < 1:
@@ -44,6 +49,47 @@ class Constraints:
       raise ValueError(f'prune.max_share={self.max_share}: must be in [0, 1]')
     if self.align < 1:
       raise ValueError(f'prune.align={self.align}: must be >= 1')
+    per = self.max_share_per_group
+    if isinstance(per, str):
+      items = [p.strip() for p in per.split(',') if p.strip()]
+      bad = [p for p in items if p.count('=') != 1]
+      if bad:
+        raise ValueError(f'prune.max_share_per_group={per!r}: entries are name=share, e.g. '
+                         f"'stage1=0.2,stage3.*=0.5' (bad: {bad})")
+      per = [p.split('=') for p in items]
+    elif isinstance(per, Mapping):
+      per = list(per.items())
+    try:
+      per = tuple((str(k).strip(), float(v)) for k, v in per)
+    except (TypeError, ValueError):
+      raise ValueError(f'max_share_per_group={self.max_share_per_group!r}: give '
+                       '{group name or pattern: share in [0, 1]}') from None
+    for k, v in per:
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f'max_share_per_group[{k!r}]={v}: must be in [0, 1]')
+    object.__setattr__(self, 'max_share_per_group', per)
+
+  @classmethod
+  def from_config(cls, prune) -> 'Constraints':
+    """The constraints of a ``config.prune`` section."""
+    return cls(prune.min_width, prune.max_share, prune.align,
+               prune.get('max_share_per_group', ''))
+
+  def max_share_of(self, group: ChannelGroup) -> float:
+    """``group``'s largest prunable share: its ``max_share_per_group`` entry, else ``max_share``."""
+    for pattern, share in self.max_share_per_group:
+      if fnmatch.fnmatchcase(group.name, pattern):
+        return share
+    return self.max_share
+
+  def check_patterns(self, groups: Sequence[ChannelGroup]) -> None:
+    """Raises naming every ``max_share_per_group`` entry that matches no group."""
+    names = [g.name for g in groups]
+    unused = [p for p, _ in self.max_share_per_group
+              if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+      raise ValueError(f'max_share_per_group entries {unused} match no channel group; the '
+                       f'groups are {names}')
 
   def align_of(self, group: ChannelGroup) -> int:
     """The alignment of ``group``'s kept width: ``align``, or 1 for attention heads (a head is
@@ -51,18 +97,21 @@ class Constraints:
     layer at ``align=4``)."""
     return 1 if group.kind == 'heads' else self.align
 
-  def min_kept(self, full_width: int, align: Optional[int] = None) -> int:
-    """Fewest units a group of unpruned width ``full_width`` may keep (``align``: the group's,
-    :meth:`align_of`; default ``self.align``)."""
+  def min_kept(self, full_width: int, align: Optional[int] = None,
+               max_share: Optional[float] = None) -> int:
+    """Fewest units a group of unpruned width ``full_width`` may keep (``align``, ``max_share``:
+    the group's, :meth:`align_of`, :meth:`max_share_of`; default ``self.align``,
+    ``self.max_share``)."""
     align = self.align if align is None else align
-    floor = max(self.min_width, math.ceil(full_width * (1.0 - self.max_share) - 1e-9))
+    max_share = self.max_share if max_share is None else max_share
+    floor = max(self.min_width, math.ceil(full_width * (1.0 - max_share) - 1e-9))
     if align > 1 and full_width >= align:
       floor = math.ceil(floor / align) * align
     return min(full_width, floor)
 
   def floor_of(self, group: ChannelGroup, full_width: int) -> int:
     """Fewest units ``group`` (unpruned width ``full_width``) may keep."""
-    return self.min_kept(full_width, self.align_of(group))
+    return self.min_kept(full_width, self.align_of(group), self.max_share_of(group))
 
 
 def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
@@ -91,12 +140,12 @@ def period_mean_and_ema(score_sum: Mapping[str, Any], score_count: int,
 
 
 def width_grid(full_width: int, constraints: Constraints, max_points: int = 8,
-               align: Optional[int] = None) -> list[int]:
+               align: Optional[int] = None, max_share: Optional[float] = None) -> list[int]:
   """The widths a group can reach, for cost tables: every multiple of ``align`` (the group's,
   default ``constraints.align``) from the smallest allowed width up (aligned groups), else at
   most ``max_points`` evenly spaced ones; ``full_width`` always included."""
   align = constraints.align if align is None else align
-  lo = constraints.min_kept(full_width, align)
+  lo = constraints.min_kept(full_width, align, max_share)
   if align > 1 and full_width >= align:
     return sorted(set(range(lo, full_width + 1, align)) | {full_width})
   return sorted({int(round(w)) for w in np.linspace(lo, full_width, max(2, max_points))})

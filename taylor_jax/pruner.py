@@ -153,8 +153,10 @@ def check_target_feasible(target: Target, model: Any, input_shape: Sequence[int]
   """Raises ValueError, before any training, when ``constraints`` cannot let ``model`` (at full
   width) reach ``target``."""
   groups, full = model.groups(), dict(model.widths)
+  constraints.check_patterns(groups)
   where = (f'min_width={constraints.min_width}, max_share={constraints.max_share}, '
-           f'align={constraints.align}')
+           f'align={constraints.align}' + (f', max_share_per_group={dict(constraints.max_share_per_group)}'
+                                          if constraints.max_share_per_group else ''))
   full_units = sum(full[g.name] for g in groups if g.prunable)
   if full_units == 0:
     raise ValueError('the model has no prunable channel group (every group is kept whole: see '
@@ -214,8 +216,7 @@ class Schedule:
     return cls(frequency=prune.frequency, units_per_step=prune.prune_per_iteration,
                ema_momentum=prune.ema_momentum, normalize=prune.normalize,
                tolerance=prune.target_tolerance, max_steps=prune.max_pruning_iterations,
-               rank_by='score', constraints=Constraints(prune.min_width, prune.max_share,
-                                                        prune.align))
+               rank_by='score', constraints=Constraints.from_config(prune))
 
 
 @dataclasses.dataclass(frozen=True)

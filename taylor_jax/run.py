@@ -142,7 +142,8 @@ def _latency_table(job) -> dict[str, dict[str, float]]:
   group at a time at each width up to its current one that the constraints let it reach
   (costs.latency_table)."""
   grid = {g.name: [w for w in engine.width_grid(job.full_widths[g.name], job.constraints,
-                                                align=job.constraints.align_of(g))
+                                                align=job.constraints.align_of(g),
+                                                max_share=job.constraints.max_share_of(g))
                    if w <= job.widths[g.name]]
           for g in job.groups if g.prunable}
   rep = job.config.report
@@ -183,7 +184,7 @@ def _full_size(config) -> tuple[pruner.FullSize, tuple[int, ...]]:
     try:
       pruner.check_target_feasible(
           target, full_model, input_shape,
-          engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align))
+          engine.Constraints.from_config(c.prune))
     except ValueError as e:
       raise ValueError(f'invalid config: {e} (prune.target_*, prune.min_width, '
                        'prune.max_share, prune.align)') from None
@@ -257,7 +258,7 @@ class _Job:
     self.baseline_steps = int(round(c.train.epochs * self.spe))
     self.finetune_steps = int(round(c.prune.finetune_epochs * self.spe))
     self.full_widths = models.full_widths(c.model, self.info.num_classes, self.input_shape)
-    self.constraints = engine.Constraints(c.prune.min_width, c.prune.max_share, c.prune.align)
+    self.constraints = engine.Constraints.from_config(c.prune)
     self.target = engine.Target.from_config(c.prune)
     self.schedule = pruner.Schedule.from_config(c.prune) if c.prune.enabled else None
     self.estimator = estimators.get(c.prune.estimator, **c.prune.estimator_options.to_dict()) \

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({'prune.target_units': 10}, 'set one pruning target, not 2'),
     ({'prune.min_width': 0}, 'prune.min_width=0'),
     ({'prune.max_share': 2.0}, 'prune.max_share=2.0'),
+    ({'prune.max_share_per_group': 'stage1:0.5'}, 'entries are name=share'),
     ({'prune.align': 0}, 'prune.align=0'),
     ({'prune.target_tolerance': -0.1}, 'prune.target_tolerance=-0.1'),
     ({'prune.rank_by': 'latency'}, "prune.rank_by='latency'"),
@@ -41,6 +42,7 @@ def test_invalid_config_is_refused_before_anything_is_written(tmp_path, override
     ({'prune.target_flops_reduction': None, 'prune.target_units': 10_000}, 'removes 10000 units'),
     ({'prune.max_share': 0.2, 'prune.target_flops_reduction': 0.6}, 'fewer FLOPs'),
     ({'prune.min_width': 60, 'prune.target_flops_reduction': 0.5}, 'fewer FLOPs'),
+    ({'prune.max_share_per_group': 'stage9*=0.5'}, r"\['stage9\*'\] match no channel group"),
 ])
 def test_unreachable_targets_are_refused_before_training(tmp_path, fashion_mnist_data_dir,
                                                          overrides, message):

@@ -5,6 +5,7 @@ bad input is refused before any work."""
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 
@@ -429,3 +430,26 @@ def test_prune_once_removes_the_lowest_scored_units_to_the_target(api):
                              rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='at least one'):
     taylor_jax.prune_once(LinenNet(), variables, [], target=Target(flops=0.3))
+
+
+def test_max_share_per_group_caps_its_groups_and_refuses_a_pattern_matching_none():
+  module, variables = _linen()
+  full = taylor_jax.Pruner(module, X[:2], target=Target(units=1)).widths
+  cut = lambda pr: {k: 1 - w / full[k] for k, w in pr.widths.items()}
+  _, free = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(units=10))
+  hit = max(cut(free), key=cut(free).get)  # the group the unconstrained run cut most
+  assert cut(free)[hit] > 0.25
+  for per in ({hit: 0.25}, f'{hit}=0.25', {hit[:2] + '*': 0.25}):
+    _, capped = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(units=10),
+                                      constraints=Constraints(max_share_per_group=per))
+    pattern = next(iter(per)) if isinstance(per, dict) else hit
+    capped_groups = [k for k in full if fnmatch.fnmatchcase(k, pattern)]
+    assert capped.done and hit in capped_groups
+    assert all(cut(capped)[k] <= 0.25 + 1e-9 for k in capped_groups), cut(capped)
+  with pytest.raises(ValueError, match=r"\['nope\*'\] match no channel group"):
+    taylor_jax.Pruner(module, X[:2], target=Target(units=3),
+                      constraints=Constraints(max_share_per_group={'nope*': 0.5}))
+  with pytest.raises(ValueError, match='entries are name=share'):
+    Constraints(max_share_per_group='stage1:0.5')
+  with pytest.raises(ValueError, match=r'must be in \[0, 1\]'):
+    Constraints(max_share_per_group={'a': 1.5})
