@@ -5,7 +5,8 @@
 #   bash scripts/background.sh ~/taylor_jax_runs/lane_a.log bash experiments/converged_study.sh a
 #   bash scripts/background.sh ~/taylor_jax_runs/lane_b.log bash experiments/converged_study.sh b
 #
-# Lane a: baselines of seeds 1 and 2, then the grid's Taylor-FO-BN runs on them.
+# Lane a: baseline of seed 1 and its Taylor-FO-BN run at 40%, the same for seed 2, then the
+#         grid's other Taylor-FO-BN runs (25%, 60%) on them.
 # Lane b: Taylor-FO-BN at 40% on seed 0 and Torch-Pruning's GroupTaylor from its weights, the grid
 #         on seed 0 (every criterion, 3 targets), Torch-Pruning's other importances, then, once
 #         lane a's baselines exist, the oracle correlation; last, the full grid command
@@ -29,8 +30,15 @@ wait_for() { [ -f "$1" ] || log "waiting for $1"; until [ -f "$1" ]; do sleep 60
 {
 case "${1:-}" in
   a)
-    log "baselines, seeds 1 and 2 (30 epochs)"
-    $PY experiments/converged_baselines.py --runs=15:0,30:0,chosen:1,chosen:2 --runs_dir="$R/converged"
+    # The target (40% on three seeds) first: each seed's 40% run right after its baseline.
+    for s in 1 2; do
+      log "baseline, seed $s (30 epochs)"
+      $PY experiments/converged_baselines.py --runs=15:0,30:0$(seq -s '' -f ',chosen:%g' 1 $s) \
+          --runs_dir="$R/converged"
+      log "Taylor-FO-BN, 40%, seed $s"
+      $PY experiments/compare_methods.py "${GRID[@]}" --methods=taylor_fo_bn --reductions=0.4 \
+          --seeds=$s --results_name=methods_converged_s12
+    done
     log "grid, Taylor-FO-BN on seeds 1 and 2"
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=1,2 --results_name=methods_converged_s12
     log "lane a done" ;;
