@@ -127,6 +127,23 @@ def _set_nnx_opt_state(optimizer: nnx.Optimizer, model: nnx.Module, new: Any) ->
                                                            is_leaf=is_state)))
 
 
+def _put_like(tree: Any, shardings: Any) -> Any:
+  """``tree`` on the devices, each array with the sharding of the same leaf of ``shardings``
+  (None: the default device); raises naming the array a sharding can no longer split."""
+  def put(path, x, sharding):
+    if sharding is None:
+      return jax.device_put(x)
+    try:
+      return jax.device_put(x, sharding)
+    except ValueError as e:
+      raise ValueError(
+          f'after pruning, {jax.tree_util.keystr(path)} has shape {np.shape(x)}, which its '
+          f'sharding {sharding} cannot split ({e}). Keep the widths of sharded axes a multiple '
+          f'of the mesh axis: Constraints(align=...) or keep_whole=[...].') from None
+  return jax.tree_util.tree_map_with_path(put, tree, shardings,
+                                          is_leaf=lambda x: x is None)
+
+
 def _adapter(model: Any, example_input: Any, *, train_kwarg: Optional[str],
              keep_whole: Sequence[str], prune_marked: bool):
   """The model behind the library's model protocol (groups, widths, clone, apply)."""
@@ -522,15 +539,17 @@ class Pruner:
     return self.user_model
 
   def _shrink(self, groups, variables, opt_state, masks):
+    variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    # The smaller arrays go back with the shardings the old ones had (replicated over a
+    # data-parallel mesh stays replicated, not gathered onto one device).
+    shardings = jax.tree.map(lambda a: getattr(a, 'sharding', None), (variables, opt_state))
     # on the host, in numpy: eager jax gathers would compile one program per array shape
-    variables = jax.device_get({'params': variables['params'],
-                                'batch_stats': variables.get('batch_stats', {})})
-    opt_state = jax.device_get(opt_state)
+    variables, opt_state = jax.device_get((variables, opt_state))
     sels = surgery.axis_selections(groups, variables, masks)
     new_vars = surgery.apply_selections(variables, sels)
     new_opt = (None if opt_state is None else
                surgery.shrink_opt_state(self.tx, opt_state, variables['params'], sels))
-    return jax.device_put(new_vars), jax.device_put(new_opt)
+    return _put_like((new_vars, new_opt), shardings)
 
   def summary(self) -> str:
     """The pruning history as a markdown table."""

@@ -8,6 +8,9 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +21,12 @@ import optax
 import pytest
 from flax import nnx
 
+import helpers  # noqa: E402  (tests/ is on sys.path)
 import taylor_jax
 from taylor_jax import estimators, pruner as pruner_lib
 from taylor_jax.engine import Constraints, Target
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((32, 12, 12, 1)).astype(np.float32)
 Y = RNG.integers(0, 4, 32).astype(np.int32)
@@ -453,3 +458,49 @@ def test_max_share_per_group_caps_its_groups_and_refuses_a_pattern_matching_none
     Constraints(max_share_per_group='stage1:0.5')
   with pytest.raises(ValueError, match=r'must be in \[0, 1\]'):
     Constraints(max_share_per_group={'a': 1.5})
+
+
+_SHARDED_LOOP = '''
+import jax, numpy as np, optax, flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import taylor_jax
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(4)(nn.relu(nn.Dense(16)(x.mean((1, 2)))))
+x = np.random.default_rng(0).standard_normal((8, 6, 6, 1)).astype(np.float32)
+y = np.arange(8) % 4
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rep = NamedSharding(mesh, P())
+module, tx = Net(), optax.adam(1e-2)
+variables = jax.device_put(module.init(jax.random.key(0), x[:2]), rep)
+opt_state = jax.device_put(tx.init(variables['params']), rep)
+pr = taylor_jax.Pruner(module, x[:2], target=taylor_jax.Target(units=5), tx=tx, train_kwarg=None,
+                       frequency=1, units_per_step=5)
+grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+    pr.apply({'params': p}, x), y).mean())(variables['params'])
+res = pr.step(pr.accumulate(pr.init(), variables['params'], grads), variables, opt_state)
+leaves = jax.tree.leaves((res.variables, res.opt_state))
+assert len(jax.devices()) == 2 and leaves
+assert all(a.sharding.is_equivalent_to(rep, a.ndim) for a in leaves), [a.sharding for a in leaves]
+# The hidden layer's kernel (Dense_1: created after the head) split over its 16 output
+# channels across 2 devices cannot keep 11.
+variables['params']['Dense_1']['kernel'] = jax.device_put(
+    variables['params']['Dense_1']['kernel'], NamedSharding(mesh, P(None, 'data')))
+pr = taylor_jax.Pruner(module, x[:2], target=taylor_jax.Target(units=5), train_kwarg=None,
+                       frequency=1, units_per_step=5, keep_whole=['Conv_0'])
+try:
+  pr.step(pr.accumulate(pr.init(), variables['params'], grads), variables)
+except ValueError as e:
+  assert "['Dense_1']['kernel'] has shape (8, 11)" in str(e) and 'align' in str(e), e
+  print('OK')
+'''
+
+
+def test_a_pruning_step_keeps_the_arrays_shardings():
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=helpers.xla_flags('--xla_force_host_platform_device_count=2'))
+  r = subprocess.run([sys.executable, '-c', _SHARDED_LOOP], env=env, capture_output=True,
+                     text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 0 and r.stdout.strip().endswith('OK'), r.stderr[-3000:] + r.stdout
