@@ -1,10 +1,12 @@
 """Checks of a model's channel groups, run before the first training step and at every surgery.
 
-Three independent checks, each an error that names the group and says what to do:
+Four independent checks, each an error that names the group and says what to do:
 
 * :func:`check_coverage`: the groups describe the variables (``groups.check_groups``) and every
   array axis whose length changes with the widths is claimed by a group (a parameter the groups
   miss would keep its old shape after surgery);
+* :func:`check_runs_narrower`: the network still runs (abstractly) with each group narrower: a
+  width written into the model's code (a reshape to a literal head count) fails here, named;
 * :func:`probe_surgery`: at random masks, the surgered network computes what the masked network
   computes (eval mode); on a mismatch each group is probed alone to name the culprit;
 * :func:`structure` / :func:`check_structure`: the sequence of primitives of the forward pass is
@@ -33,6 +35,32 @@ class GroupCheckError(ValueError):
 def _abstract_init(model, input_shape):
   x = model_common.example_input(model, input_shape)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def check_runs_narrower(model, input_shape: Sequence[int]) -> None:
+  """The forward pass traces (``jax.eval_shape``, nothing computed) with every prunable group
+  one unit narrower; if not, each group is tried alone and the error names those that fail."""
+  shrinkable = [g for g in model.groups() if g.prunable and g.width > 1]
+
+  def failure(narrow):
+    small = model.clone(widths={**model.widths, **{g.name: g.width - 1 for g in narrow}})
+    try:
+      jax.eval_shape(lambda v, x: small.apply(v, x, train=False),
+                     _abstract_init(small, input_shape),
+                     model_common.example_input(small, input_shape, 2))
+    except Exception as e:  # noqa: whatever the user's code raises is reported below
+      return f'{type(e).__name__}: {e}'.split('\n')[0][:300]
+    return None
+
+  if not shrinkable or failure(shrinkable) is None:
+    return
+  bad = {g.name: err for g in shrinkable if (err := failure([g])) is not None}
+  raise GroupCheckError(
+      f'the model does not run with these groups narrower: {bad or "none alone (only together)"}. '
+      'A width is fixed in its code (a reshape to a literal number of heads or head '
+      'channels, a layer whose features do not follow its parameters): let -1 stand for the '
+      'pruned dimension (x.reshape(B, L, num_heads, -1) when head channels are pruned), or keep '
+      'those groups whole (keep_whole=[...]).')
 
 
 def check_coverage(model, input_shape: Sequence[int]) -> None:

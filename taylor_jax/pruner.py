@@ -348,6 +348,10 @@ class Pruner:
     self.input_dtype = getattr(example_input, 'dtype', np.float32)
     self.model = _adapter(model, example_input, train_kwarg=train_kwarg, keep_whole=keep_whole,
                           prune_marked=prune_marked)
+    # Before anything is counted at smaller widths: the groups describe the parameters and the
+    # network runs narrower (abstractly: nothing compiled), else an error names the group.
+    checks.check_coverage(self.model, self.input_shape)
+    checks.check_runs_narrower(self.model, self.input_shape)
     check_target_feasible(target, self.model, self.input_shape, self.schedule.constraints)
     self.full = FullSize.of(self.model, self.input_shape)
     # primitives of the full forward pass: every smaller network must run the same ones

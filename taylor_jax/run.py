@@ -416,6 +416,7 @@ def _check_groups_before_training(job: _Job, host_state, seed: int) -> None:
   random widths computes what masking computes (checks.probe_surgery); raises naming the group."""
   t0 = time.time()
   checks.check_coverage(job.model, job.input_shape)
+  checks.check_runs_narrower(job.model, job.input_shape)
   variables = {'params': host_state.params, 'batch_stats': host_state.batch_stats}
   diff = checks.probe_surgery(job.model, variables, job.input_shape, seed=seed)
   rec = {'phase': 'group_check', 'groups': len(job.groups),

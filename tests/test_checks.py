@@ -113,3 +113,29 @@ def test_structure_that_changes_with_widths_is_refused():
   checks.check_structure(ref, model.clone(widths={'a': 7, 'b': 6}), SHAPE)
   with pytest.raises(checks.GroupCheckError, match='shortcut'):
     checks.check_structure(ref, model.clone(widths={'a': 6, 'b': 6}), SHAPE)
+
+
+class _LiteralHeads(nn.Module):
+  """Attention written with literal head counts: its value head channels are prunable, but
+  `reshape(B, L, 4, 8)` cannot follow them; with -1 in their place it can."""
+  literal: bool = True
+
+  @nn.compact
+  def __call__(self, h):
+    b, n, _ = h.shape
+    split = (lambda t: t.reshape(b, n, 4, 8)) if self.literal else (
+        lambda t: t.reshape(b, n, 4, -1))
+    q, k, v = (split(nn.Dense(32, name=name)(h)) for name in ('q', 'k', 'v'))
+    w = jax.nn.softmax(jnp.einsum('blhd,bmhd->bhlm', q, k), -1)
+    return nn.Dense(3)(jnp.einsum('bhlm,bmhd->blhd', w, v).reshape(b, n, -1).mean(1))
+
+
+def test_a_width_written_into_the_code_is_named_before_training():
+  x = np.zeros((2, 10, 16), np.float32)
+  model = any_model.LinenModel(_LiteralHeads(), x, train_kwarg=None)
+  with pytest.raises(checks.GroupCheckError, match=r"'v': 'TypeError: cannot reshape.*let -1"):
+    checks.check_runs_narrower(model, x.shape[1:])
+  fixed = any_model.LinenModel(_LiteralHeads(literal=False), x, train_kwarg=None)
+  checks.check_runs_narrower(fixed, x.shape[1:])
+  variables = fixed.init(jax.random.key(0), x)
+  assert checks.probe_surgery(fixed, variables, x.shape[1:]) < 1e-5
