@@ -556,13 +556,19 @@ class Pruner:
     return _put_like((new_vars, new_opt), shardings)
 
   def summary(self) -> str:
-    """The pruning history as a markdown table."""
+    """The pruning history and every group's width now, as markdown tables."""
     lines = [f'Target: {self.target.describe()}; estimator {self.estimator_name}; '
              f'{self.full.units} prunable units, {self.full.flops:,} MACs at the start.', '',
              '| step | call | units kept | MACs | FLOPs cut | params |', '|---|---|---|---|---|---|']
     for r in self.history:
       lines.append(f"| {r['prune_step']} | {r['call']} | {r['units_kept']} | {r['flops']:,} | "
                    f"{1 - r['flops_ratio']:.1%} | {r['params']:,} |")
+    lines += ['', '| group | kind | width (full -> now) | pruned | kept whole because |',
+              '|---|---|---|---|---|']
+    for g in self.model.groups():
+      full = self.full.widths[g.name]
+      lines.append(f'| {g.name} | {g.kind} | {full} -> {g.width} | {1 - g.width / full:.0%} | '
+                   f'{"" if g.prunable else g.reason.split(" (")[0]} |')  # full: Pruner.groups
     return '\n'.join(lines)
 
 

@@ -158,6 +158,8 @@ def test_loop_reaches_flops_target_and_stops():
   assert last['params'] == sum(np.size(a) for a in jax.tree.leaves(variables['params']))
   assert pr.step(pstate, variables, opt_state) is None  # done: no more pruning
   assert 'FLOPs cut' in pr.summary()
+  for name, width in pr.widths.items():  # every group's width, full -> now
+    assert f'| {name} | ' in pr.summary() and f' -> {width} |' in pr.summary()
 
 
 def test_nnx_model_pruned_in_place():
