@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (importance per MAC / per millisecond a unit saves; latency from a table measured on this
   # machine before the first pruning step, engine.py).
   c.prune.rank_by = 'score'
+  c.prune.scope = 'global'  # 'global' (the paper) | 'local': every group loses the same share
   c.prune.surgery = True  # physically shrink the network (False: mask only, as the reference)
   # Before the first step: the groups cover the model and surgery == masking at random widths;
   # at every surgery: the smaller network runs the same primitives (taylor_jax/checks.py).
@@ -268,6 +269,11 @@ def validate(c: ml_collections.ConfigDict, devices: int | None = None,
     _check(0 <= p.ema_momentum < 1, f'prune.ema_momentum={p.ema_momentum}: must be in [0, 1)')
     _check(p.normalize in ('none', 'l2'), f"prune.normalize={p.normalize!r}: use 'none' or 'l2'")
     _check(p.rank_by in RANK_BY, f'prune.rank_by={p.rank_by!r}: use one of {RANK_BY}')
+    _check(p.get('scope', 'global') in ('global', 'local'),
+           f"prune.scope={p.get('scope')!r}: use 'global' or 'local'")
+    _check(p.get('scope', 'global') == 'global' or p.rank_by == 'score',
+           f"prune.scope='local' ranks within each group: use prune.rank_by='score' "
+           f"(not {p.rank_by!r})")
     _check(p.surgery_every >= 1, f'prune.surgery_every={p.surgery_every}: must be >= 1')
     _check(p.finetune_epochs >= 0, f'prune.finetune_epochs={p.finetune_epochs}: must be >= 0')
     for key in ('learning_rate', 'finetune_learning_rate'):
@@ -292,7 +298,8 @@ RESULT_NEUTRAL = ('data_dir', 'train.log_every_steps', 'train.checkpoint_every_s
 
 # Fields added after runs were saved, with the value that does what those runs did: a saved
 # config without them resumes as if it had them at these values.
-ADDED_LATER = {'data_mean': None, 'data_std': None, 'prune.max_share_per_group': ''}
+ADDED_LATER = {'data_mean': None, 'data_std': None, 'prune.max_share_per_group': '',
+               'prune.scope': 'global'}
 
 
 def _matters(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:

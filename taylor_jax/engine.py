@@ -191,6 +191,28 @@ def _masks_after(masks, order, taken) -> dict[str, np.ndarray]:
   return new
 
 
+def local_keys(scores: Mapping[str, Any], masks: Mapping[str, Any],
+               groups: Sequence[ChannelGroup], full_widths: Mapping[str, int]
+               ) -> dict[str, np.ndarray]:
+  """Keys that make the global ranking local: a group's j-th lowest-scoring live unit (j = 1,
+  2, ...) gets the share of its unpruned width the group has lost once that unit goes, so
+  :func:`prune_lowest` takes units from every group in step (Torch-Pruning's
+  ``global_pruning=False``), each group's lowest-scoring first."""
+  out = {}
+  for g in groups:
+    s = np.asarray(scores[g.name], np.float64)
+    if not g.prunable:
+      out[g.name] = s
+      continue
+    alive = np.flatnonzero(np.asarray(masks[g.name]))
+    keys = np.zeros_like(s)
+    gone = full_widths[g.name] - len(alive)
+    keys[alive[np.argsort(s[alive], kind='stable')]] = (
+        gone + 1 + np.arange(len(alive))) / full_widths[g.name]
+    out[g.name] = keys
+  return out
+
+
 def prune_lowest(scores: Mapping[str, Any], masks: Mapping[str, Any],
                  groups: Sequence[ChannelGroup], full_widths: Mapping[str, int], num_units: int,
                  constraints: Constraints = Constraints(),

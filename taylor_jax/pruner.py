@@ -205,7 +205,10 @@ class Schedule:
   across steps; ``normalize``: ``'l2'`` divides each group's period mean by its L2 norm;
   ``tolerance``: a FLOPs/params target's last step may overshoot by this share of the full
   cost; ``max_steps``: pruning steps at most; ``rank_by``: ``'score'`` (the paper) or
-  ``'score_per_flop'``; ``constraints``: min width, max pruned share, width alignment.
+  ``'score_per_flop'``; ``constraints``: min width, max pruned share, width alignment;
+  ``scope``: ``'global'`` (the paper: units ranked across all groups) or ``'local'`` (every group
+  loses the same share of its width, its lowest-scoring units: Torch-Pruning's default,
+  ``global_pruning=False``).
   """
   frequency: int = 30
   units_per_step: int = 16
@@ -215,6 +218,7 @@ class Schedule:
   max_steps: int = 1000
   rank_by: str = 'score'
   constraints: Constraints = Constraints()
+  scope: str = 'global'
 
   def __post_init__(self):
     for name, ok in (('frequency', self.frequency >= 1),
@@ -222,9 +226,13 @@ class Schedule:
                      ('ema_momentum', 0 <= self.ema_momentum < 1),
                      ('tolerance', 0 <= self.tolerance < 1),
                      ('max_steps', self.max_steps >= 1),
-                     ('normalize', self.normalize in ('none', 'l2'))):
+                     ('normalize', self.normalize in ('none', 'l2')),
+                     ('scope', self.scope in ('global', 'local'))):
       if not ok:
         raise ValueError(f'Schedule({name}={getattr(self, name)!r}): out of range')
+    if self.scope == 'local' and self.rank_by != 'score':
+      raise ValueError(f"Schedule(scope='local', rank_by={self.rank_by!r}): a local scope ranks "
+                       "within each group; cost-aware ranking needs scope='global'")
 
   @classmethod
   def from_config(cls, prune) -> 'Schedule':
@@ -233,7 +241,8 @@ class Schedule:
     return cls(frequency=prune.frequency, units_per_step=prune.prune_per_iteration,
                ema_momentum=prune.ema_momentum, normalize=prune.normalize,
                tolerance=prune.target_tolerance, max_steps=prune.max_pruning_iterations,
-               rank_by='score', constraints=Constraints.from_config(prune))
+               rank_by='score', constraints=Constraints.from_config(prune),
+               scope=prune.get('scope', 'global'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +299,12 @@ def prune_period(model: Any, input_shape: Sequence[int], masks: Mapping[str, Any
                          lambda m: costs.params(model, input_shape, m) / full.params)
   if unit_cost is None and schedule.rank_by == 'score_per_flop':
     unit_cost = flops_unit_cost(model, input_shape, masks)
-  new = engine.prune_lowest(ema, masks, groups, full.widths, n, schedule.constraints,
+  ranking = ema
+  if schedule.scope == 'local':
+    if unit_cost is not None:
+      raise ValueError("scope='local' ranks within each group: it cannot rank by cost")
+    ranking = engine.local_keys(ema, masks, groups, full.widths)
+  new = engine.prune_lowest(ranking, masks, groups, full.widths, n, schedule.constraints,
                             excess=excess, tolerance=schedule.tolerance, unit_cost=unit_cost)
   return ema, new
 
@@ -574,9 +588,12 @@ class Pruner:
 
 def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iterable[Any], *,
                target: Target, loss_fn: Optional[Callable[[Any, Any], Any]] = None,
-               train: bool = False, **options: Any) -> tuple[dict[str, Any], Pruner]:
+               train: bool = False, max_rounds: int = 100, **options: Any
+               ) -> tuple[dict[str, Any], Pruner]:
   """One-shot pruning of a trained model: scores summed over ``batches`` (``(x, y)`` pairs),
-  then the lowest units removed globally until ``target``, in one surgery.
+  then the lowest units removed globally until ``target``, in one surgery (rarely more: a cost
+  target a step stops short of, within ``tolerance``, is finished by rescoring the smaller
+  network on the same batches).
 
   Args:
     model: a Linen module, an NNX module (``variables=None``: its own; pruned in place) or a
@@ -586,6 +603,7 @@ def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iter
     target: where to stop (:class:`Target`); it is reached in this one step or an error says why.
     loss_fn: ``(logits, y) -> scalar``; default: softmax cross-entropy, integer labels.
     train: BatchNorm mode while scoring (default False: the trained statistics).
+    max_rounds: scoring rounds at most (see above).
     options: :class:`Pruner` arguments (``estimator``, ``train_kwarg``, ``keep_whole``,
       ``constraints``, ``normalize``, ``rank_by``, ...).
 
@@ -602,6 +620,10 @@ def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iter
   unknown = {'frequency', 'units_per_step', 'max_steps'} & set(options)
   if unknown:
     raise TypeError(f'prune_once prunes in one step; {sorted(unknown)} do not apply')
+  # One shot: units go in score order until the target is crossed (tolerance ~1: the crossing
+  # chunk goes however far it overshoots; a smaller tolerance replaces it by chunks that fall
+  # short, one per round, which can empty a small layer: engine.prune_lowest).
+  options.setdefault('tolerance', 0.999)
   pr = Pruner(model, np.asarray(x0)[:2], target=target, frequency=1,
               units_per_step=np.iinfo(np.int32).max, **options)
   if variables is None:
@@ -620,13 +642,21 @@ def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iter
     return pr.accumulate(pstate, variables['params'], grads,
                          batch_stats=variables['batch_stats'], batch={'image': x, 'label': y})
 
-  pstate = pr.init()
-  for x, y in itertools.chain([(x0, y0)], batches):
-    pstate = accumulate(pstate, variables, x, y)
-  result = pr.step(pstate, variables)
+  # Usually one step. A cost target that every chunk left would overshoot by more than the
+  # tolerance stops short, taking a small chunk that falls short (engine.prune_lowest), one per
+  # step: the rest is scored again on the smaller network until the target is reached.
+  batches = list(itertools.chain([(x0, y0)], batches))
+  for _ in range(max_rounds):
+    pstate = pr.init()
+    for x, y in batches:
+      pstate = accumulate(pstate, variables, x, y)
+    variables = pr.step(pstate, variables).variables
+    if pr.done:
+      break
   if not pr.done:
     last = pr.history[-1]
-    raise ValueError(f'prune_once stopped short of {target.describe()}: {last["units_kept"]} '
-                     f'units kept, {1 - last["flops_ratio"]:.1%} fewer FLOPs (the constraints '
-                     f'leave no more units to remove)')
-  return result.variables, pr
+    raise ValueError(f'prune_once stopped short of {target.describe()} after '
+                     f'{len(pr.history)} steps: {last["units_kept"]} units kept, '
+                     f'{1 - last["flops_ratio"]:.1%} fewer FLOPs (the constraints leave no more '
+                     f'units to remove, or the target tolerance no chunk that fits)')
+  return variables, pr

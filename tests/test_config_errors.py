@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ({'prune.align': 0}, 'prune.align=0'),
     ({'prune.target_tolerance': -0.1}, 'prune.target_tolerance=-0.1'),
     ({'prune.rank_by': 'latency'}, "prune.rank_by='latency'"),
+    ({'prune.scope': 'regional'}, "prune.scope='regional'"),
+    ({'prune.scope': 'local', 'prune.rank_by': 'score_per_flop'}, "prune.scope='local' ranks"),
 ])
 def test_invalid_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / 'w'

@@ -69,6 +69,16 @@ def _linen():
   return module, {'params': variables['params'], 'batch_stats': stats}
 
 
+def _linen_fixed(seed: int = 1):
+  """As :func:`_linen`, from its own seed: the same whatever the tests before it drew."""
+  module = LinenNet()
+  variables = module.init(jax.random.key(0), X[:2])
+  rng = np.random.default_rng(seed)
+  stats = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype),
+                       variables['batch_stats'])
+  return module, {'params': variables['params'], 'batch_stats': stats}
+
+
 def _train_step(pr, tx, **jit_options):
   @functools.partial(jax.jit, **jit_options)
   def step(variables, opt_state, pstate, x, y):
@@ -409,7 +419,7 @@ def test_prune_once_removes_the_lowest_scored_units_to_the_target(api):
   here independently as the squared gradient w.r.t. gates through the full network, summed
   over the batches; the smaller network computes what the masked full one does."""
   if api == 'linen':
-    module, variables = _linen()
+    module, variables = _linen_fixed()
   else:
     module = NNXNet(rngs=nnx.Rngs(0))
     variables = pruner_lib.nnx_variables(module)
@@ -425,7 +435,7 @@ def test_prune_once_removes_the_lowest_scored_units_to_the_target(api):
 
   small, pr = taylor_jax.prune_once(module, None if api == 'nnx' else variables, batches,
                                     target=Target(flops=0.3), estimator='taylor_fo_bn')
-  record = pr.history[-1]
+  (record,) = pr.history  # one step: the lowest units of the one scoring
   assert pr.done and 1 - record['flops_ratio'] >= 0.3
   removed = {(k, i) for k, idx in record['removed'].items() for i in idx}
   ranked = sorted(((float(v), k, i) for k in score for i, v in enumerate(score[k])
@@ -440,7 +450,7 @@ def test_prune_once_removes_the_lowest_scored_units_to_the_target(api):
 
 
 def test_max_share_per_group_caps_its_groups_and_refuses_a_pattern_matching_none():
-  module, variables = _linen()
+  module, variables = _linen_fixed()
   full = taylor_jax.Pruner(module, X[:2], target=Target(units=1)).widths
   cut = lambda pr: {k: 1 - w / full[k] for k, w in pr.widths.items()}
   _, free = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(units=10))
@@ -506,3 +516,44 @@ def test_a_pruning_step_keeps_the_arrays_shardings():
   r = subprocess.run([sys.executable, '-c', _SHARDED_LOOP], env=env, capture_output=True,
                      text=True, timeout=300, cwd=ROOT)
   assert r.returncode == 0 and r.stdout.strip().endswith('OK'), r.stderr[-3000:] + r.stdout
+
+
+def test_local_scope_cuts_every_group_alike_each_by_its_lowest_scores():
+  """scope='local' (Torch-Pruning's global_pruning=False): every prunable group loses the same
+  share of its width (within one unit of the narrowest group), and within each group the units
+  removed are its lowest by the independently computed Taylor-FO-BN score."""
+  module, variables = _linen_fixed()
+  full = pruner_lib._adapter(module, X[:2], train_kwarg='train', keep_whole=(),
+                             prune_marked=False)
+
+  def loss(gates):
+    out = full.apply(variables, X, gates=gates, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(out, Y).mean()
+  score = {k: np.square(v) for k, v in jax.grad(loss)(
+      {k: jnp.ones((w,)) for k, w in full.widths.items()}).items()}
+  _, pr = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(flops=0.35),
+                                estimator='taylor_fo_bn', scope='local')
+  assert len(pr.history) == 1
+  prunable = [g for g in full.groups() if g.prunable]
+  shares = {g.name: 1 - pr.widths[g.name] / g.width for g in prunable}
+  assert len(prunable) >= 3 and min(shares.values()) > 0
+  assert max(shares.values()) - min(shares.values()) <= 1 / min(g.width for g in prunable) + 1e-9
+  for name, idx in pr.history[-1]['removed'].items():
+    assert set(idx) == set(np.argsort(score[name], kind='stable')[:len(idx)].tolist()), name
+  _, glob = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(flops=0.35),
+                                  estimator='taylor_fo_bn')
+  assert glob.widths != pr.widths  # the paper's global ranking cuts the groups unevenly
+  with pytest.raises(ValueError, match="scope='local'"):
+    taylor_jax.Pruner(module, X[:2], target=Target(flops=0.3), scope='local',
+                      rank_by='score_per_flop')
+
+
+def test_prune_once_with_a_tight_tolerance_finishes_over_rounds():
+  """Every conv chunk left overshoots 35% +- 5% here: each round takes a small chunk that falls
+  short and rescores the smaller network, until the target is reached."""
+  module, variables = _linen_fixed(5)
+  _, pr = taylor_jax.prune_once(module, variables, [(X, Y)], target=Target(flops=0.35),
+                                estimator='taylor_fo_bn', tolerance=0.05)
+  kept = [r['units_kept'] for r in pr.history]
+  assert pr.done and len(kept) > 1 and kept == sorted(kept, reverse=True)
+  assert 1 - pr.history[-1]['flops_ratio'] >= 0.35
