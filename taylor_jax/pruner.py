@@ -25,6 +25,11 @@ NNX model you passed in is pruned in place, so the object you hold stays usable.
 
 Every pruning step ends with surgery, so no masks enter your forward pass: the network you train
 between pruning steps is the smaller one.
+
+Also here: NNX loops as NNX users write them (``accumulate(pstate, model, grads)``,
+``step(pstate, model, nnx_optimizer)``: model and optimizer pruned in place); resuming an
+interrupted loop (:meth:`Pruner.state_dict` / :meth:`Pruner.restore`); one-shot pruning of a
+trained model (:func:`prune_once`).
 """
 
 from __future__ import annotations
