@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
 import torch_pruning as tp  # noqa: E402
 
+import compare_methods  # noqa: E402
 import torch_cifar_resnet  # noqa: E402
 from taylor_jax import costs, run  # noqa: E402
 from taylor_jax.data import input_pipeline  # noqa: E402
@@ -318,21 +319,57 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
   return row
 
 
+def paired_test(run_dir: str, work: str) -> dict:
+  """McNemar's exact test of the two pruned, fine-tuned networks on the same test images: how
+  many each gets right that the other gets wrong, and the two-sided p-value of that split
+  (scipy.stats.binomtest); an accuracy gap within one test set's noise has a large p."""
+  import jax
+  import ml_collections
+  from scipy import stats
+  with open(os.path.join(run_dir, 'report.json')) as f:
+    rep = json.load(f)
+  c = ml_collections.ConfigDict(rep['config'])
+  small_model, small_state, meta = run.restore(run_dir)
+  _, test = splits(c, meta)
+  ft = _load(os.path.join(work, 'finetune.pt'))
+  net = (ft or _load(os.path.join(work, 'pruned.pt')))['net']
+  net.eval()
+  f = jax.jit(lambda v, x: small_model.apply(v, x, train=False))
+  v = {'params': small_state.params, 'batch_stats': small_state.batch_stats}
+  jax_only = torch_only = 0
+  for b in test.batches(0):
+    keep = np.asarray(b['weight']) > 0
+    label = np.asarray(b['label'])
+    j = np.asarray(f(v, b['image'])).argmax(1) == label
+    with torch.no_grad():
+      t = net(_nchw(b['image'])).argmax(1).numpy() == label
+    jax_only += int((j & ~t & keep).sum())
+    torch_only += int((t & ~j & keep).sum())
+  p = stats.binomtest(jax_only, jax_only + torch_only, 0.5).pvalue if jax_only + torch_only else 1.0
+  return {'jax_only_right': jax_only, 'torch_only_right': torch_only, 'mcnemar_p': float(p)}
+
+
 def markdown(rows, cmd) -> str:
   lines = ['# taylor_jax and Torch-Pruning from identical weights', '', f'Command: `{cmd}`', '',
-           '| run | TP importance | acc JAX | acc TP | MACs cut JAX / TP | params JAX / TP | '
-           'latency cut / MACs cut JAX / TP | SGD steps JAX / TP | wall prune+ft JAX / TP (s) |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| run | TP importance | acc JAX | acc TP | right only in JAX / TP (McNemar p) | '
+           'MACs cut JAX / TP | params JAX / TP | '
+           'latency cut / MACs cut JAX / TP | SGD steps JAX / TP | wall JAX run / TP prune+ft (s) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(
         f"| {r['run']} | {r['importance']} | {100 * r['jax_accuracy']:.2f} | "
-        f"{100 * r['torch_accuracy']:.2f} | {100 * r['jax_macs_cut']:.1f}% / "
+        f"{100 * r['torch_accuracy']:.2f} | {r['jax_only_right']} / {r['torch_only_right']} "
+        f"({r['mcnemar_p']:.2f}) | {100 * r['jax_macs_cut']:.1f}% / "
         f"{100 * r['torch_macs_cut']:.1f}% | {r['jax_params']:,} / {r['torch_params']:,} | "
         f"{r['jax_latency_cut_per_macs_cut']:.2f} / {r['torch_latency_cut_per_macs_cut']:.2f} | "
         f"{r['jax_sgd_steps']} / {r['torch_sgd_steps']} | "
-        f"{r['jax_prune_wall_s'] + r['jax_finetune_wall_s']:.0f} / "
+        f"{r['jax_run_wall_s']:.0f} / "
         f"{r['torch_prune_wall_s'] + r['torch_finetune_wall_s']:.0f} |")
-  lines += ['', 'MACs of both frameworks counted by `taylor_jax.costs.flops` of the widths; '
+  lines += ['', 'McNemar: test images only one of the two networks classifies right, and the '
+            'exact two-sided p of that split (one seed: an accuracy gap with a large p is '
+            'within one test set\'s noise). JAX wall: the pruning run summed over its processes '
+            '(compare_methods.total_wall_s; pruning, fine-tuning, checks, latency timing). '
+            'MACs of both frameworks counted by `taylor_jax.costs.flops` of the widths; '
             'torch latency at its best thread count (1 or 2); the twin\'s logits agree with '
             'JAX\'s within 1e-4 before anything runs (per row: conversion_max_logit_diff in '
             'the csv); widths per row in the csv.']
@@ -361,6 +398,9 @@ def main(argv=None):
     for imp in args.importances.split(','):
       work = os.path.join(args.work, f"{os.path.basename(run_dir.rstrip('/'))}_{imp}")
       rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer, work))
+      # Recomputed, not cached with the row: cheap, and added after the first rows were saved.
+      rows[-1] = {**rows[-1], **paired_test(run_dir, work),
+                  'jax_run_wall_s': compare_methods.total_wall_s(run_dir)}
       print(json.dumps(rows[-1]), flush=True)
   with open(args.out + '.csv', 'w', newline='') as f:
     w = csv.DictWriter(f, list(rows[0]))
