@@ -54,10 +54,11 @@ case "${1:-}" in
     # Why GroupTaylor came out ahead (94.56 vs 94.26, McNemar p 0.04): Torch-Pruning removed
     # ~2 unaligned units every 7 SGD steps; the same schedule in taylor_jax (2 units every 7
     # steps, align 1, instead of 8 every 30 aligned to 8: the same rate), and the per-group
-    # normalisation TP's importance has.
+    # normalisation TP's importance has (both done: 94.05, 93.77), then the weight-Taylor
+    # criterion (GroupTaylor's |w * dL/dw|).
     log "Taylor-FO-BN, 40%, seed 0: finer schedule; l2-normalised groups"
     $PY experiments/compare_methods.py "${GRID[@]}" --reductions=0.4 --seeds=0 \
-        --methods=taylor_fo_bn+prune.prune_per_iteration=2+prune.frequency=7+prune.align=1,taylor_fo_bn+prune.normalize=l2 \
+        --methods=taylor_fo_bn,taylor_fo_bn+prune.prune_per_iteration=2+prune.frequency=7+prune.align=1,taylor_fo_bn+prune.normalize=l2,estimator/taylor_fo_weight \
         --results_name=why_grouptaylor_converged_s0
     log "grid, seed 0"
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0 --results_name=methods_converged_s0
