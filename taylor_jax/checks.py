@@ -32,7 +32,8 @@ class GroupCheckError(ValueError):
   """The groups do not describe the model: pruning it would change what it computes."""
 
 
-def _abstract_init(model, input_shape):
+def abstract_init(model, input_shape):
+  """``model.init`` as ``jax.ShapeDtypeStruct`` s (nothing computed)."""
   x = model_common.example_input(model, input_shape)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
@@ -46,7 +47,7 @@ def check_runs_narrower(model, input_shape: Sequence[int]) -> None:
     small = model.clone(widths={**model.widths, **{g.name: g.width - 1 for g in narrow}})
     try:
       jax.eval_shape(lambda v, x: small.apply(v, x, train=False),
-                     _abstract_init(small, input_shape),
+                     abstract_init(small, input_shape),
                      model_common.example_input(small, input_shape, 2))
     except Exception as e:  # noqa: whatever the user's code raises is reported below
       return f'{type(e).__name__}: {e}'.split('\n')[0][:300]
@@ -67,7 +68,7 @@ def check_coverage(model, input_shape: Sequence[int]) -> None:
   """``check_groups`` on the model's variables, and: with every prunable group one unit
   narrower, each axis that shrinks shrinks by exactly what its claiming groups lose."""
   groups = model.groups()
-  full = _abstract_init(model, input_shape)
+  full = abstract_init(model, input_shape)
   try:
     check_groups(full, groups)
   except ValueError as e:
@@ -82,7 +83,7 @@ def check_coverage(model, input_shape: Sequence[int]) -> None:
   if not shrinkable:
     return
   narrower = {**model.widths, **{g.name: g.width - 1 for g in shrinkable}}
-  small = surgery._shapes(_abstract_init(model.clone(widths=narrower), input_shape))
+  small = surgery._shapes(abstract_init(model.clone(widths=narrower), input_shape))
   expected: dict[tuple, list[int]] = {}
   for path, shape in surgery._shapes(full).items():
     expected[path] = list(shape)
@@ -148,7 +149,7 @@ def probe_surgery(model, variables: Mapping[str, Any], input_shape: Sequence[int
 def structure(model, input_shape: Sequence[int]) -> tuple[str, ...]:
   """The primitives of one eval forward pass, in order (nested jaxprs included)."""
   x = model_common.example_input(model, input_shape)
-  variables = _abstract_init(model, input_shape)
+  variables = abstract_init(model, input_shape)
   with model_common.reference_convolutions():
     closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   out: list[str] = []

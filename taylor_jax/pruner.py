@@ -364,7 +364,6 @@ class Pruner:
     self.target, self.tx = target, tx
     self.user_model = model if isinstance(model, nnx.Module) else None
     self.input_shape = tuple(np.shape(example_input))[1:]
-    self.input_dtype = getattr(example_input, 'dtype', np.float32)
     self.model = _adapter(model, example_input, train_kwarg=train_kwarg, keep_whole=keep_whole,
                           prune_marked=prune_marked)
     # Before anything is counted at smaller widths: the groups describe the parameters and the
@@ -416,8 +415,8 @@ class Pruner:
     ``rngs``: then the step's dropout key, as given to :meth:`apply`. In an ``nnx.jit`` step,
     ``params`` may be the NNX model itself and ``grads`` the ``nnx.State`` of ``nnx.grad``."""
     if isinstance(params, nnx.Module):
-      params, batch_stats = (lambda v: (v['params'], batch_stats or v['batch_stats']))(
-          nnx_variables(params))
+      v = nnx_variables(params)
+      params, batch_stats = v['params'], batch_stats or v['batch_stats']
     params, grads = _pure_params(params), _pure_params(grads)
     groups = self.model.groups()
     grads = jax.lax.pmean(grads, axis_name) if axis_name is not None else grads
@@ -446,18 +445,19 @@ class Pruner:
     NNX objects as they are: ``step(pstate, model, optimizer)`` with the model given to the
     Pruner and its ``nnx.Optimizer`` prunes both in place (the PruneStep's variables and
     opt_state are then the same arrays in pure form)."""
+    # Checked at every call (cheap), not only when a pruning step is due.
+    optimizer = opt_state if isinstance(opt_state, nnx.Optimizer) else None
+    if isinstance(variables, nnx.Module) and variables is not self.user_model:
+      raise ValueError('Pruner.step got an NNX model other than the one the Pruner was built '
+                       'with (the Pruner prunes that object in place): pass that model')
+    if optimizer is not None and not isinstance(variables, nnx.Module):
+      raise ValueError('Pruner.step got an nnx.Optimizer: pass the NNX model with it, '
+                       'step(pstate, model, optimizer)')
     self.calls += 1
     if self.done or self.calls % self.schedule.frequency:
       return None
-    optimizer = opt_state if isinstance(opt_state, nnx.Optimizer) else None
     if isinstance(variables, nnx.Module):
-      if variables is not self.user_model:
-        raise ValueError('Pruner.step got an NNX model other than the one the Pruner was built '
-                         'with (the Pruner prunes that object in place)')
       variables = nnx_variables(variables)
-    elif optimizer is not None:
-      raise ValueError('Pruner.step got an nnx.Optimizer: pass the NNX model with it, '
-                       'step(pstate, model, optimizer)')
     if optimizer is not None:
       if self.tx is not None and self.tx is not optimizer.tx:
         raise ValueError('the nnx.Optimizer has another tx than Pruner(tx=...): pass the same '
@@ -540,8 +540,7 @@ class Pruner:
   def abstract_variables(self) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` of the current widths as ``jax.ShapeDtypeStruct`` (what a
     checkpoint restore needs, e.g. ``orbax``'s ``args.StandardRestore``)."""
-    x = jnp.zeros((1, *self.input_shape), self.input_dtype)
-    v = jax.eval_shape(lambda: self.model.init(jax.random.key(0), x))
+    v = checks.abstract_init(self.model, self.input_shape)
     return {'params': v['params'], 'batch_stats': v.get('batch_stats', {})}
 
   def _setup(self) -> dict[str, Any]:
@@ -596,16 +595,17 @@ def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iter
                train: bool = False, max_rounds: int = 100, **options: Any
                ) -> tuple[dict[str, Any], Pruner]:
   """One-shot pruning of a trained model: scores summed over ``batches`` (``(x, y)`` pairs),
-  then the lowest units removed globally until ``target``, in one surgery (rarely more: a cost
-  target a step stops short of, within ``tolerance``, is finished by rescoring the smaller
-  network on the same batches).
+  then the lowest units removed (across groups, or per group with ``scope='local'``) until
+  ``target`` is crossed, in one surgery. With a ``tolerance`` option a step may stop short of a
+  cost target; the smaller network is then scored again on the same batches, up to
+  ``max_rounds`` rounds.
 
   Args:
     model: a Linen module, an NNX module (``variables=None``: its own; pruned in place) or a
       taylor_jax model.
     variables: ``{'params', 'batch_stats'}`` of the trained model (Linen, zoo).
     batches: iterable of ``(x, y)``; ``x[:2]`` of the first is the example input.
-    target: where to stop (:class:`Target`); it is reached in this one step or an error says why.
+    target: where to stop (:class:`Target`); reached, or an error says why.
     loss_fn: ``(logits, y) -> scalar``; default: softmax cross-entropy, integer labels.
     train: BatchNorm mode while scoring (default False: the trained statistics).
     max_rounds: scoring rounds at most (see above).
@@ -624,7 +624,8 @@ def prune_once(model: Any, variables: Optional[Mapping[str, Any]], batches: Iter
     raise ValueError('prune_once needs at least one (x, y) batch to score the units on') from None
   unknown = {'frequency', 'units_per_step', 'max_steps'} & set(options)
   if unknown:
-    raise TypeError(f'prune_once prunes in one step; {sorted(unknown)} do not apply')
+    raise TypeError(f'prune_once prunes in one step: {sorted(unknown)} do not apply to it; '
+                    'leave them out (or use Pruner for an iterative schedule)')
   # One shot: units go in score order until the target is crossed (tolerance ~1: the crossing
   # chunk goes however far it overshoots; a smaller tolerance replaces it by chunks that fall
   # short, one per round, which can empty a small layer: engine.prune_lowest).

@@ -129,7 +129,8 @@ class LinenModel(_Adapter):
                keep_whole: Sequence[str] = (), prune_marked: bool = False,
                unknown_primitives: str = 'error', widths: Optional[Mapping[str, int]] = None,
                axis_name: Optional[str] = None, _found: Optional[_Found] = None):
-    _check_train_kwarg(module, train_kwarg)
+    if _found is None:  # built by a user, not cloned
+      _check_train_kwarg(module, train_kwarg)
     self.module = module
     self.example_input = jax.ShapeDtypeStruct(np.shape(example_input),
                                               getattr(example_input, 'dtype', jnp.float32))
