@@ -228,6 +228,49 @@ def total_wall_s(wd: str) -> float:
   return total + last
 
 
+def record_path(results_dir: str, workdir: str) -> str:
+  """Where a finished run's row is kept with the results: ``runs/<runs dir>/<run>.json``."""
+  workdir = os.path.normpath(workdir)
+  return os.path.join(results_dir, 'runs', os.path.basename(os.path.dirname(workdir)),
+                      os.path.basename(workdir) + '.json')
+
+
+def read_record(results_dir: str, workdir: str, flags: list[str], base: str) -> dict | None:
+  """The committed row of a finished run whose workdir this machine lacks (a session's machine
+  may be a fresh one: checkpoints are never committed, rows are); None if there is none or the
+  workdir is here. Refused: a record of a run made with other flags (as check_same_run does),
+  and one pruned from another training of its baseline than the one in ``base`` here (XLA:CPU
+  training is not bit-reproducible across machines: a re-trained seed is another network)."""
+  path = record_path(results_dir, workdir)
+  if os.path.exists(os.path.join(workdir, 'report.json')) or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rec = json.load(f)
+  if rec['flags'] != flags:
+    raise SystemExit(f'{path} records a run made with\n  {shlex.join(rec["flags"])}\nnot\n  '
+                     f'{shlex.join(flags)}\nPass another --runs_dir (or delete that record).')
+  here = os.path.join(base, 'report.json')
+  if workdir != base and os.path.exists(here):
+    with open(here) as f:
+      now = json.load(f)['baseline']
+    was = rec['row'].get('_baseline_eval')
+    if was is None or was[0] != now['test_accuracy'] or abs(was[1] - now['test_loss']) > 1e-5:
+      raise SystemExit(
+          f'{path} was pruned from a baseline evaluated at {was}, but {base} here is another '
+          f'training of it ([{now["test_accuracy"]}, {now["test_loss"]}]): its rows cannot be '
+          'mixed with runs from this one. Move the old records away (they stay in git) or '
+          'pass another --runs_dir.')
+  return rec['row']
+
+
+def write_record(results_dir: str, workdir: str, flags: list[str], r: dict) -> None:
+  path = record_path(results_dir, workdir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'flags': flags, 'row': r}, f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
 def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dict:
   with open(os.path.join(workdir, 'report.json')) as f:
     rep = json.load(f)
@@ -243,6 +286,8 @@ def row(method: str, reduction: float, seed: int, workdir: str, key: str) -> dic
           'test_accuracy': r['test_accuracy'], 'params': r['params'], 'flops': r['flops'],
           'latency_ms_b64': r.get('latency_ms_b64', float('nan')), 'wall_s': wall['wall_s'],
           '_full_flops': rep['baseline']['flops'], '_widths': r.get('widths'),
+          # Which training of the baseline this run started from (read_record).
+          '_baseline_eval': [rep['baseline']['test_accuracy'], rep['baseline']['test_loss']],
           '_model': rep['config']['model']}
 
 
@@ -385,9 +430,25 @@ def main(argv=None):
   seeds = sorted(set(seeds) | set(other_seeds))
   os.makedirs(args.runs_dir, exist_ok=True)
   os.makedirs(args.results_dir, exist_ok=True)
+  base_of = {seed: (os.path.expanduser(args.baseline_dir.format(seed=seed)) if args.baseline_dir
+                    else os.path.join(args.runs_dir, f'baseline_s{seed}')) for seed in seeds}
+  plan = []  # (label, reduction, seed, flags, workdir, report key), in running order
+  for seed in seeds:
+    base = base_of[seed]
+    if any(parse_method(m)[0] in FROM_TRAINED for m in methods):
+      plan.append(('baseline', 0.0, seed, baseline_command(args, seed, base), base, 'baseline'))
+    for method in methods:
+      for red in (reductions if seed in seeds_of[method] else []):
+        wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
+        plan.append((method, red, seed, method_command(args, method, red, seed, wd, base), wd,
+                     'pruned'))
+  # Rows of finished runs committed by an earlier session whose workdirs are not on this machine.
+  recorded = {wd: read_record(args.results_dir, wd, flags, base_of[seed])
+              for _, _, seed, flags, wd, _ in plan}
+  to_run = [(seed, wd) for _, _, seed, _, wd, _ in plan if recorded[wd] is None]
   if args.baseline_dir:  # checked before any run starts: a typo must not cost hours
-    for seed in seeds:
-      base = os.path.expanduser(args.baseline_dir.format(seed=seed))
+    for seed in sorted({seed for seed, _ in to_run}):
+      base = base_of[seed]
       if not os.path.exists(os.path.join(base, 'report.json')):
         raise SystemExit(f'--baseline_dir: {base} has no report.json (finish that baseline '
                          'first, e.g. with experiments/converged_baselines.py)')
@@ -397,26 +458,17 @@ def main(argv=None):
         raise SystemExit(f'--baseline_dir: {base} was trained {epochs:g} epochs, --epochs='
                          f'{args.epochs:g}: pass --epochs={epochs:g} (SNIP and variational '
                          'train from scratch for epochs + finetune_epochs)')
-  plan = []  # (label, reduction, seed, flags, workdir, report key), in running order
-  for seed in seeds:
-    if args.baseline_dir:
-      base = os.path.expanduser(args.baseline_dir.format(seed=seed))
-    else:
-      base = os.path.join(args.runs_dir, f'baseline_s{seed}')
-    if any(parse_method(m)[0] in FROM_TRAINED for m in methods):
-      plan.append(('baseline', 0.0, seed, baseline_command(args, seed, base), base, 'baseline'))
-    for method in methods:
-      for red in (reductions if seed in seeds_of[method] else []):
-        wd = os.path.join(args.runs_dir, f'{run_name(method)}_r{round(red * 100)}_s{seed}')
-        plan.append((method, red, seed, method_command(args, method, red, seed, wd, base), wd,
-                     'pruned'))
   for *_, flags, wd, _ in plan:  # every workdir checked before the first run starts
     check_same_run(flags, wd)
   rows = []
   with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
     for label, red, seed, flags, wd, key in plan:
+      if recorded[wd] is not None:
+        rows.append(recorded[wd])
+        continue
       run_main(flags, wd, log)
       rows.append(row(label, red, seed, wd, key))
+      write_record(args.results_dir, wd, flags, rows[-1])
   if args.remeasure_latency:
     remeasure_latency(rows)
   csv_path = os.path.join(args.results_dir, f'{args.results_name}.csv')

@@ -60,17 +60,46 @@ def curve(wd: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def summarise(runs, runs_dir: str, within: float) -> dict:
+def committed(results_dir: str) -> dict:
+  """The finished runs recorded in ``converged_baselines.csv`` under ``results_dir``: their curve
+  rows and wall, by ``(epochs, seed)``. A session's machine may be a fresh one, whose runs
+  directory lacks the workdirs of runs finished (and committed) by earlier sessions."""
+  path = os.path.join(results_dir, 'converged_baselines.csv')
+  if not os.path.exists(path):
+    return {}
+  out = {}
+  with open(path) as f:
+    for r in csv.DictReader(f):
+      if r['finished'] != 'True':
+        continue  # an unfinished run restarts from its workdir or from scratch
+      run = out.setdefault((float(r['budget_epochs']), int(r['seed'])),
+                           {'rows': [], 'run_wall_s': float(r['run_wall_s'])})
+      run['rows'].append({k: (float(v) if k in ('epoch', 'test_accuracy', 'test_loss', 'wall_s')
+                              else v) for k, v in r.items()})
+  return out
+
+
+def summarise(runs, runs_dir: str, within: float, recorded: Optional[dict] = None) -> dict:
+  """Curves, finals and walls of ``runs``: from their workdirs, or, for a finished run whose
+  workdir is gone, from ``recorded`` (:func:`committed`)."""
   rows, finals, walls = [], {}, {}
   for epochs, seed in runs:
     wd = workdir(runs_dir, epochs, seed)
     points = curve(wd)
+    if not points and (epochs, seed) in (recorded or {}):
+      old = recorded[(epochs, seed)]
+      rows += [dict(r, budget_epochs=epochs, seed=seed, finished=True) for r in old['rows']]
+      finals[(epochs, seed)] = old['rows'][-1]['test_accuracy']  # the report's final accuracy
+      walls[(epochs, seed)] = old['run_wall_s']
+      continue
     done = os.path.exists(os.path.join(wd, 'report.json'))
+    wall = compare_methods.total_wall_s(wd)
     for p in points:
       rows.append({'budget_epochs': epochs, 'seed': seed, 'epoch': round(p['epoch'], 4),
                    'test_accuracy': p['test_accuracy'], 'test_loss': p['test_loss'],
-                   'wall_s': round(p['wall_s'], 1), 'finished': done})
-    walls[(epochs, seed)] = compare_methods.total_wall_s(wd)
+                   'wall_s': round(p['wall_s'], 1), 'finished': done,
+                   'run_wall_s': round(wall, 1)})
+    walls[(epochs, seed)] = wall
     if done:
       with open(os.path.join(wd, 'report.json')) as f:
         finals[(epochs, seed)] = json.load(f)['baseline']['test_accuracy']
@@ -153,7 +182,7 @@ def write(summary, runs, args, cmd) -> None:
   base = os.path.join(args.results_dir, 'converged_baselines')
   with open(base + '.csv', 'w', newline='') as f:
     w = csv.DictWriter(f, ['budget_epochs', 'seed', 'epoch', 'test_accuracy', 'test_loss',
-                           'wall_s', 'finished'])
+                           'wall_s', 'finished', 'run_wall_s'])
     w.writeheader()
     w.writerows(summary['rows'])
   with open(base + '.md', 'w') as f:
@@ -176,9 +205,10 @@ def parse_runs(spec: str) -> list[tuple[Optional[float], int]]:
   return out
 
 
-def resolve(done: list[tuple[float, int]], runs_dir: str, within: float) -> Optional[float]:
+def resolve(done: list[tuple[float, int]], runs_dir: str, within: float,
+            recorded: dict) -> Optional[float]:
   """The budget the rule chose for the first seed of ``done``; None while it cannot decide."""
-  return summarise(done, runs_dir, within)['choice'].get(done[0][1])
+  return summarise(done, runs_dir, within, recorded)['choice'].get(done[0][1])
 
 
 def main(argv=None):
@@ -194,22 +224,29 @@ def main(argv=None):
                     *(argv if argv is not None else sys.argv[1:])])
   spec = parse_runs(args.runs)
   os.makedirs(args.runs_dir, exist_ok=True)
+  recorded = committed(args.results_dir)
   runs = []  # resolved so far
   with open(os.path.join(args.runs_dir, 'commands.txt'), 'a') as log:
     for epochs, seed in spec:
       if epochs is None:
-        epochs = resolve(runs, args.runs_dir, args.within)
+        epochs = resolve(runs, args.runs_dir, args.within, recorded)
         if epochs is None:
           if args.summarise_only:
             break
           raise SystemExit(
               f'--runs: chosen:{seed} needs two finished budgets of seed {runs[0][1]} before '
-              f'it; finished: {sorted(summarise(runs, args.runs_dir, args.within)["finals"])}')
+              f'it; finished: {sorted(summarise(runs, args.runs_dir, args.within, recorded)["finals"])}')
       runs.append((epochs, seed))
-      if not args.summarise_only:
-        wd = workdir(args.runs_dir, epochs, seed)
+      wd = workdir(args.runs_dir, epochs, seed)
+      if (epochs, seed) in recorded and not os.path.exists(wd):
+        print(f'{epochs:g} epochs, seed {seed}: finished in an earlier session (read from '
+              f'{args.results_dir}/converged_baselines.csv; its workdir {wd} is not on this '
+              'machine: delete its rows there to train it again)', flush=True)
+      elif not args.summarise_only:
         compare_methods.run_main(command(epochs, seed, wd, extra), wd, log)
-      write(summarise(runs, args.runs_dir, args.within), runs, args, cmd)
+      # Every committed run stays in the results, also those this command does not name.
+      shown = runs + [k for k in recorded if k not in runs]
+      write(summarise(shown, args.runs_dir, args.within, recorded), shown, args, cmd)
   print(open(os.path.join(args.results_dir, 'converged_baselines.md')).read())
 
 

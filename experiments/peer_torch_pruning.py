@@ -349,6 +349,42 @@ def paired_test(run_dir: str, work: str) -> dict:
   return {'jax_only_right': jax_only, 'torch_only_right': torch_only, 'mcnemar_p': float(p)}
 
 
+def committed_rows(out: str) -> dict:
+  """Rows of ``<out>.csv`` by ``(run, importance)``: a session's machine may be a fresh one,
+  without the JAX runs and torch networks an earlier session measured (never committed)."""
+  if not os.path.exists(out + '.csv'):
+    return {}
+  rows = {}
+  with open(out + '.csv') as f:
+    for r in csv.DictReader(f):
+      for k, v in r.items():
+        try:
+          r[k] = json.loads(v)
+        except ValueError:
+          pass  # a plain string (run, importance)
+      rows[(r['run'], r['importance'])] = r
+  return rows
+
+
+def mean_lines(rows) -> list[str]:
+  """Per importance measured on more than one run (seeds): the mean accuracies and the mean
+  and spread of the JAX - torch gap."""
+  import statistics
+  lines = []
+  for imp in dict.fromkeys(r['importance'] for r in rows):
+    rs = [r for r in rows if r['importance'] == imp]
+    if len(rs) < 2:
+      continue
+    gap = [100 * (r['jax_accuracy'] - r['torch_accuracy']) for r in rs]
+    lines.append(f"| mean of {len(rs)} | {imp} | "
+                 f"{statistics.mean(100 * r['jax_accuracy'] for r in rs):.2f} | "
+                 f"{statistics.mean(100 * r['torch_accuracy'] for r in rs):.2f} | JAX - TP: "
+                 f"{statistics.mean(gap):+.2f} +- {statistics.stdev(gap):.2f} points | "
+                 f"{statistics.mean(100 * r['jax_macs_cut'] for r in rs):.1f}% / "
+                 f"{statistics.mean(100 * r['torch_macs_cut'] for r in rs):.1f}% | | | | |")
+  return lines
+
+
 def markdown(rows, cmd) -> str:
   lines = ['# taylor_jax and Torch-Pruning from identical weights', '', f'Command: `{cmd}`', '',
            '| run | TP importance | acc JAX | acc TP | right only in JAX / TP (McNemar p) | '
@@ -365,6 +401,7 @@ def markdown(rows, cmd) -> str:
         f"{r['jax_sgd_steps']} / {r['torch_sgd_steps']} | "
         f"{r['jax_run_wall_s']:.0f} / "
         f"{r['torch_prune_wall_s'] + r['torch_finetune_wall_s']:.0f} |")
+  lines += mean_lines(rows)
   lines += ['', 'McNemar: test images only one of the two networks classifies right, and the '
             'exact two-sided p of that split (one seed: an accuracy gap with a large p is '
             'within one test set\'s noise). JAX wall: the pruning run summed over its processes '
@@ -393,10 +430,19 @@ def main(argv=None):
   cmd = shlex.join(['python', 'experiments/peer_torch_pruning.py',
                     *(argv if argv is not None else sys.argv[1:])])
   torch.set_num_threads(2)
-  rows = []
+  rows, done_before = [], committed_rows(args.out)
   for run_dir in args.runs:
     for imp in args.importances.split(','):
-      work = os.path.join(args.work, f"{os.path.basename(run_dir.rstrip('/'))}_{imp}")
+      name = os.path.basename(run_dir.rstrip('/'))
+      work = os.path.join(args.work, f'{name}_{imp}')
+      if not os.path.exists(os.path.join(work, 'row.json')) and (name, imp) in done_before:
+        if not os.path.exists(os.path.join(run_dir, 'report.json')):
+          print(f'{name}, {imp}: read from {args.out}.csv (measured by an earlier session; '
+                f'{run_dir} is not on this machine)', flush=True)
+          rows.append(done_before[(name, imp)])
+          continue
+        print(f'{name}, {imp}: measured again, replacing the row of {args.out}.csv (an earlier '
+              f'session measured a run of that name this machine does not hold)', flush=True)
       rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer, work))
       # Recomputed, not cached with the row: cheap, and added after the first rows were saved.
       rows[-1] = {**rows[-1], **paired_test(run_dir, work),

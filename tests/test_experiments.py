@@ -194,6 +194,30 @@ def test_converged_baselines_chosen_budget_follows_the_rule(tmp_path):
     cb.main(['--runs=chosen:1', f'--runs_dir={runs}', f'--results_dir={res}'])
 
 
+def test_converged_baselines_on_a_fresh_machine_reads_finished_runs_from_the_results(
+    tmp_path, monkeypatch):
+  """A session's machine may be new: runs finished (and committed) by an earlier session are
+  read from converged_baselines.csv, not trained again, and still decide chosen:S."""
+  from experiments import converged_baselines as cb
+  old_runs, res = tmp_path / 'old_runs', tmp_path / 'res'
+  _finished_baseline(old_runs, 2, 0, [0.90, 0.9370])
+  _finished_baseline(old_runs, 4, 0, [0.90, 0.92, 0.93, 0.9400])
+  cb.main(['--runs=2:0,4:0', f'--runs_dir={old_runs}', f'--results_dir={res}', '--summarise_only'])
+  started = []
+  monkeypatch.setattr(cb.compare_methods, 'run_main',
+                      lambda cmd, wd, log: started.append(os.path.basename(wd)))
+  cb.main(['--runs=2:0,4:0,chosen:1', f'--runs_dir={tmp_path}/new_runs', f'--results_dir={res}'])
+  assert started == ['resnet20_e2_s1']  # 93.70 within 0.3 of 94.00: seed 1 trains 2 epochs
+  md = (res / 'converged_baselines.md').read_text()
+  assert '| 2 | 0 | 93.70% |' in md and '| 4 | 0 | 94.00% |' in md
+  assert '| 2 | 1 | not started |' in md
+  rows = (res / 'converged_baselines.csv').read_text().splitlines()
+  assert len(rows) == 1 + 2 + 4  # the committed curves are kept, not dropped
+  cb.main(['--runs=4:0', f'--runs_dir={tmp_path}/new_runs', f'--results_dir={res}',
+           '--summarise_only'])  # also those this command does not name
+  assert '| 2 | 0 | 93.70% |' in (res / 'converged_baselines.md').read_text()
+
+
 def test_compare_methods_other_seeds_cut_the_compared_criteria_only(tmp_path, monkeypatch):
   from experiments import compare_methods as cm
   started = []
@@ -205,6 +229,51 @@ def test_compare_methods_other_seeds_cut_the_compared_criteria_only(tmp_path, mo
            '--other_seeds=0', f'--runs_dir={tmp_path}/runs', f'--results_dir={tmp_path}/res'])
   assert started == ['baseline_s0', 'taylor_fo_bn_r40_s0', 'estimator-weight_l2_r40_s0',
                      'baseline_s1', 'taylor_fo_bn_r40_s1']
+
+
+def test_compare_methods_on_a_fresh_machine_reads_finished_runs_from_the_results(
+    tmp_path, monkeypatch):
+  """Finished runs leave their row under <results_dir>/runs/; on a machine without their
+  workdirs (a new session's) they are read from there, not re-run, and need no baseline."""
+  import json
+  import shutil
+  from experiments import compare_methods as cm
+
+  def fake_run(flags, wd, log):  # a finished run: the report fields row() reads
+    os.makedirs(wd, exist_ok=True)
+    acc = 0.9 if 'baseline_s' in wd else 0.8
+    (tmp_path / 'ran.txt').open('a').write(os.path.basename(wd) + '\n')
+    with open(os.path.join(wd, 'report.json'), 'w') as f:
+      part = {'test_accuracy': acc, 'test_loss': 0.3, 'params': 10, 'flops': 100,
+              'widths': {'stage1': 4}}
+      json.dump({'baseline': dict(part, flops=200, test_accuracy=0.9), 'pruned': part,
+                 'config': {'model': 'resnet20'}}, f)
+
+  monkeypatch.setattr(cm, 'run_main', fake_run)
+  monkeypatch.setattr(cm, 'markdown', lambda rows, command, args: json.dumps(rows, sort_keys=True))
+  monkeypatch.setattr(cm, 'plot', lambda rows, path: None)
+  argv = ['--methods=taylor_fo_bn', '--reductions=0.4', '--seeds=0', f'--runs_dir={tmp_path}/runs',
+          f'--results_dir={tmp_path}/res', '--results_name=r']
+  cm.main(argv)
+  first = (tmp_path / 'res' / 'r.md').read_text()
+  assert sorted(os.listdir(tmp_path / 'res' / 'runs' / 'runs')) == [
+      'baseline_s0.json', 'taylor_fo_bn_r40_s0.json']
+  shutil.rmtree(tmp_path / 'runs')  # a new machine: the workdirs are gone, the results are not
+  cm.main(argv)
+  assert (tmp_path / 'ran.txt').read_text().split() == ['baseline_s0', 'taylor_fo_bn_r40_s0']
+  assert (tmp_path / 'res' / 'r.md').read_text() == first
+  # A run not recorded yet still needs its baseline on this machine: a clear error, not hours.
+  with pytest.raises(SystemExit, match='has no report.json'):
+    cm.main(argv[:1] + ['--reductions=0.25', f'--baseline_dir={tmp_path}/gone_s{{seed}}',
+                        *argv[2:]])
+  with pytest.raises(SystemExit, match='records a run made with'):
+    cm.main(argv + ['--finetune_epochs=1'])
+  # The baseline trained again on this machine is another network: its old rows are refused.
+  fake_run(None, str(tmp_path / 'runs' / 'baseline_s0'), None)
+  report = tmp_path / 'runs' / 'baseline_s0' / 'report.json'
+  report.write_text(report.read_text().replace('"test_loss": 0.3', '"test_loss": 0.31'))
+  with pytest.raises(SystemExit, match='another training of it'):
+    cm.main(argv)
 
 
 def test_compare_methods_refuses_a_workdir_of_a_run_with_other_flags(tmp_path):
