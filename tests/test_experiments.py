@@ -262,6 +262,17 @@ def test_compare_methods_on_a_fresh_machine_reads_finished_runs_from_the_results
   cm.main(argv)
   assert (tmp_path / 'ran.txt').read_text().split() == ['baseline_s0', 'taylor_fo_bn_r40_s0']
   assert (tmp_path / 'res' / 'r.md').read_text() == first
+  # A --baseline_dir run is another script's, made with its own flags: read, never re-run.
+  other = tmp_path / 'other_s0'
+  fake_run(None, str(other), None)
+  (other / 'flags.json').write_text(json.dumps(['--config.train.eval_every_epochs=1']))
+  report = json.loads((other / 'report.json').read_text())
+  report['config']['train'] = {'epochs': 15.0}
+  (other / 'report.json').write_text(json.dumps(report))
+  cm.main(argv[:3] + [f'--runs_dir={tmp_path}/runs2', f'--results_dir={tmp_path}/res',
+                      f'--baseline_dir={tmp_path}/other_s{{seed}}', '--results_name=o'])
+  ran = (tmp_path / 'ran.txt').read_text().split()
+  assert ran.count('other_s0') == 1 and ran[-1] == 'taylor_fo_bn_r40_s0'  # made above, not run
   # A run not recorded yet still needs its baseline on this machine: a clear error, not hours.
   with pytest.raises(SystemExit, match='has no report.json'):
     cm.main(argv[:1] + ['--reductions=0.25', f'--baseline_dir={tmp_path}/gone_s{{seed}}',
