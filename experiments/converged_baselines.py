@@ -144,8 +144,8 @@ def markdown(summary, runs, runs_dir, within, cmd) -> str:
       lines.append(f'| {e:g} | {len(a)} | {100 * statistics.mean(a):.2f}% | '
                    f'{100 * sd:.2f} |')
   lines += ['', 'Wall: summed over every process of the run (resumed across sessions), on a '
-            'CPU shared with other jobs, pauses included; one epoch alone took ~225 s on the machine of '
-            'seed 0, ~170 s on that of seed 1.']
+            'CPU shared with other jobs, pauses included; one epoch alone took ~225 s on the '
+            'machine of seed 0, ~170 s on that of seed 1.']
   lines += ['', f'Rule: the smallest budget whose final accuracy is within {within} points of the '
             'largest budget\'s (same seed).']
   for seed, e in summary['choice'].items():
