@@ -445,9 +445,9 @@ def main(argv=None):
   # Rows of finished runs committed by an earlier session whose workdirs are not on this machine.
   recorded = {wd: read_record(args.results_dir, wd, flags, base_of[seed])
               for _, _, seed, flags, wd, _ in plan}
-  to_run = [(seed, wd) for _, _, seed, _, wd, _ in plan if recorded[wd] is None]
+  seeds_to_run = {seed for _, _, seed, _, wd, _ in plan if recorded[wd] is None}
   if args.baseline_dir:  # checked before any run starts: a typo must not cost hours
-    for seed in sorted({seed for seed, _ in to_run}):
+    for seed in sorted(seeds_to_run):
       base = base_of[seed]
       if not os.path.exists(os.path.join(base, 'report.json')):
         raise SystemExit(f'--baseline_dir: {base} has no report.json (finish that baseline '
