@@ -12,7 +12,9 @@
 #      why GroupTaylor came out ahead on seed 0;
 #   5. the oracle correlation on this baseline;
 #   6. the accuracy-vs-FLOPs grid: Taylor-FO-BN at 25% and 60%, weight L2, BN scale and random at
-#      25/40/60% (the compared criteria on one seed where the CPU budget allows no more).
+#      25/40/60% (the compared criteria on one seed where the CPU budget allows no more);
+#   7. Torch-Pruning's magnitude and BN-scale importances from the same weights (its GroupTaylor
+#      is step 3).
 # `bash experiments/converged_study.sh summary [SEEDS]` then writes the study's tables from what has
 # finished (results/methods_converged.*, peer_torch_pruning.*); SEEDS: those the compared criteria
 # ran on (default 1).
@@ -67,12 +69,15 @@ case "${1:-}" in
         --seeds=$S --prefix=oracle_correlation_converged_s$S
     log "seed $S: 6. the grid"
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=$S --results_name=methods_converged_s$S
+    log "seed $S: 7. Torch-Pruning's magnitude and BN-scale importances"
+    $PY experiments/peer_torch_pruning.py $(peer_runs) --importances=taylor,magnitude,bn_scale \
+        --work="$R/peer_torch_pruning_e30" --out=$RES/peer_torch_pruning
     log "seed $S done" ;;
   summary)
     # Only reads: every run named here must have finished (here or in a committed record).
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0,1,2 --other_seeds=${2:-1} \
         --results_name=methods_converged
-    $PY experiments/peer_torch_pruning.py $(peer_runs) --importances=taylor \
+    $PY experiments/peer_torch_pruning.py $(peer_runs) --importances=taylor,magnitude,bn_scale \
         --work="$R/peer_torch_pruning_e30" --out=$RES/peer_torch_pruning ;;
   *)
     echo "usage: bash experiments/converged_study.sh 0|1|2|summary (see the comment at the top)" >&2

@@ -22,7 +22,8 @@ For taylor_jax pruning runs of one baseline (main-job workdirs started with
   PYTHONPATH=. .venv/bin/python experiments/peer_torch_pruning.py RUN_DIR [RUN_DIR ...] \\
       [--importances=taylor,magnitude,bn_scale] [--out=experiments/results/peer_torch_pruning]
 
-Writes ``<out>.csv`` and ``<out>.md``. Resumable: state under ``--work`` (one folder per run and
+Writes ``<out>.csv`` and ``<out>.md``; rows accumulate there over sessions (a run whose JAX
+workdir is not on this machine keeps the rows an earlier session measured). Resumable: state under ``--work`` (one folder per run and
 importance: the finished row, the pruned network, the fine-tuning every 200 steps), so a killed
 study re-run with the same command continues where it stopped.
 """
@@ -45,16 +46,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
-import torch_pruning as tp  # noqa: E402
-
 import compare_methods  # noqa: E402
 import torch_cifar_resnet  # noqa: E402
 from taylor_jax import costs, run  # noqa: E402
 from taylor_jax.data import input_pipeline  # noqa: E402
 
-IMPORTANCES = {'taylor': tp.importance.GroupTaylorImportance,
-               'magnitude': tp.importance.GroupMagnitudeImportance,
-               'bn_scale': tp.importance.BNScaleImportance}
+# Torch-Pruning's importance classes by this script's name for them (imported where used, so the
+# row bookkeeping below loads, and is tested, without the bench-only torch-pruning).
+IMPORTANCES = {'taylor': 'GroupTaylorImportance', 'magnitude': 'GroupMagnitudeImportance',
+               'bn_scale': 'BNScaleImportance'}
 
 
 def _nchw(x) -> torch.Tensor:
@@ -190,6 +190,7 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
   """One row; resumable from ``work``: the finished row, the network after pruning, and the
   fine-tuning every ``save_every`` SGD steps (network, optimizer, schedule, step) are saved
   there atomically. An interrupted pruning phase restarts (it is the short part)."""
+  import torch_pruning as tp
   os.makedirs(work, exist_ok=True)
   options = {'run_dir': os.path.abspath(run_dir), 'importance': importance,
              'iterative_steps': iterative_steps, 'finer': finer}
@@ -234,7 +235,8 @@ def side_by_side(run_dir: str, importance: str, iterative_steps, finer: int,
     iterative_steps = max(1, round(0.9 * units / c.prune.prune_per_iteration * c.prune.frequency
                                    / period))
   pruner = tp.pruner.MetaPruner(net, torch.zeros((1, shape[2], shape[0], shape[1])),
-                                importance=IMPORTANCES[importance](), global_pruning=True,
+                                importance=getattr(tp.importance, IMPORTANCES[importance])(),
+                                global_pruning=True,
                                 pruning_ratio=0.9, iterative_steps=iterative_steps,
                                 ignored_layers=[net.head])
   saved = _load(os.path.join(work, 'pruned.pt'))
@@ -366,6 +368,45 @@ def committed_rows(out: str) -> dict:
   return rows
 
 
+def _name(run_dir: str) -> str:
+  return os.path.basename(run_dir.rstrip('/'))
+
+
+def plan(runs, importances, done_before: dict, out: str, work: str):
+  """What to measure here, what to read back, and what cannot be measured, before any work.
+
+  Returns ``(todo, rows, unmeasurable)``: ``todo`` the (run_dir, importance) pairs to measure on
+  this machine (a finished pair resumes from its row under --work); ``rows`` by (run,
+  importance), every row of ``<out>.csv`` (rows an earlier command measured stay, so a command
+  naming fewer runs or importances loses none); ``unmeasurable`` the pairs asked for whose JAX
+  run is not on this machine and that were never measured. A run that is neither here nor in
+  ``<out>.csv`` at all is an error: nothing of it can be reported.
+  """
+  todo, rows, unmeasurable = [], dict(done_before), []
+  for run_dir in runs:
+    name = _name(run_dir)
+    if os.path.exists(os.path.join(run_dir, 'report.json')):
+      for imp in importances:
+        if (name, imp) in done_before and not os.path.exists(
+            os.path.join(work, f'{name}_{imp}', 'row.json')):
+          print(f'{name}, {imp}: measured again, replacing the row of {out}.csv (an earlier '
+                f'session measured a run of that name this machine does not hold)', flush=True)
+        todo.append((run_dir, imp))
+      continue
+    if not any(run == name for run, _ in done_before):
+      raise SystemExit(f'{run_dir}: no finished pruning run there (report.json) and no row of '
+                       f'it in {out}.csv; run it first (compare_methods.py) or drop it')
+    for imp in importances:
+      if (name, imp) in done_before:
+        print(f'{name}, {imp}: read from {out}.csv (measured by an earlier session; '
+              f'{run_dir} is not on this machine)', flush=True)
+      else:
+        unmeasurable.append((name, imp))
+        print(f'{name}, {imp}: NOT measured: {run_dir} is not on this machine and no earlier '
+              f'session measured it (the table says so)', flush=True)
+  return todo, rows, unmeasurable
+
+
 def mean_lines(rows) -> list[str]:
   """Per importance measured on more than one run (seeds): the mean accuracies and the mean
   and spread of the JAX - torch gap."""
@@ -385,7 +426,7 @@ def mean_lines(rows) -> list[str]:
   return lines
 
 
-def markdown(rows, cmd) -> str:
+def markdown(rows, cmd, unmeasurable=()) -> str:
   lines = ['# taylor_jax and Torch-Pruning from identical weights', '', f'Command: `{cmd}`', '',
            '| run | TP importance | acc JAX | acc TP | right only in JAX / TP (McNemar p) | '
            'MACs cut JAX / TP | params JAX / TP | '
@@ -410,6 +451,10 @@ def markdown(rows, cmd) -> str:
             'torch latency at its best thread count (1 or 2); the twin\'s logits agree with '
             'JAX\'s within 1e-4 before anything runs (per row: conversion_max_logit_diff in '
             'the csv); widths per row in the csv.']
+  if unmeasurable:
+    lines += ['', 'Not measured (the JAX run and its baseline are not on the machine that ran '
+              'this, and no earlier session measured them): '
+              + ', '.join(f'{run} with {imp}' for run, imp in unmeasurable) + '.']
   return '\n'.join(lines) + '\n'
 
 
@@ -429,33 +474,32 @@ def main(argv=None):
   args = p.parse_args(argv)
   cmd = shlex.join(['python', 'experiments/peer_torch_pruning.py',
                     *(argv if argv is not None else sys.argv[1:])])
+  importances = args.importances.split(',')
+  unknown = sorted(set(importances) - set(IMPORTANCES))
+  if unknown:
+    p.error(f'--importances: unknown {unknown}; choose from {sorted(IMPORTANCES)}')
+  done_before = committed_rows(args.out)
+  todo, rows, unmeasurable = plan(args.runs, importances, done_before, args.out,
+                                     args.work)
   torch.set_num_threads(2)
-  rows, done_before = [], committed_rows(args.out)
-  for run_dir in args.runs:
-    for imp in args.importances.split(','):
-      name = os.path.basename(run_dir.rstrip('/'))
-      work = os.path.join(args.work, f'{name}_{imp}')
-      if not os.path.exists(os.path.join(work, 'row.json')) and (name, imp) in done_before:
-        if not os.path.exists(os.path.join(run_dir, 'report.json')):
-          print(f'{name}, {imp}: read from {args.out}.csv (measured by an earlier session; '
-                f'{run_dir} is not on this machine)', flush=True)
-          rows.append(done_before[(name, imp)])
-          continue
-        print(f'{name}, {imp}: measured again, replacing the row of {args.out}.csv (an earlier '
-              f'session measured a run of that name this machine does not hold)', flush=True)
-      rows.append(side_by_side(run_dir, imp, args.iterative_steps, args.finer, work))
-      # Recomputed, not cached with the row: cheap, and added after the first rows were saved.
-      rows[-1] = {**rows[-1], **paired_test(run_dir, work),
-                  'jax_run_wall_s': compare_methods.total_wall_s(run_dir)}
-      print(json.dumps(rows[-1]), flush=True)
+  for run_dir, imp in todo:
+    work = os.path.join(args.work, f'{_name(run_dir)}_{imp}')
+    row = side_by_side(run_dir, imp, args.iterative_steps, args.finer, work)
+    # Recomputed, not cached with the row: cheap, and added after the first rows were saved.
+    rows[(row['run'], imp)] = {**row, **paired_test(run_dir, work),
+                               'jax_run_wall_s': compare_methods.total_wall_s(run_dir)}
+    print(json.dumps(rows[(row['run'], imp)]), flush=True)
+  order = list(IMPORTANCES)
+  rows = [rows[k] for k in sorted(rows, key=lambda k: (order.index(k[1]), k[0]))]
   with open(args.out + '.csv', 'w', newline='') as f:
-    w = csv.DictWriter(f, list(rows[0]))
+    # Rows measured by earlier versions of this script may lack later columns.
+    w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)), restval='')
     w.writeheader()
     for r in rows:
       w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
   with open(args.out + '.md', 'w') as f:
-    f.write(markdown(rows, cmd))
-  print(markdown(rows, cmd))
+    f.write(markdown(rows, cmd, unmeasurable))
+  print(markdown(rows, cmd, unmeasurable))
 
 
 if __name__ == '__main__':

@@ -324,3 +324,34 @@ def test_run_wall_sums_every_process_of_a_resumed_run(tmp_path):
       for w in walls))
   assert cm.total_wall_s(str(tmp_path)) == 20.0 + 40.0 + 3.0
   assert cm.total_wall_s(str(tmp_path / 'missing')) == 0.0
+
+
+def test_peer_torch_pruning_keeps_earlier_rows_and_names_what_it_cannot_measure(tmp_path):
+  """The side-by-side table accumulates over sessions: rows of runs not on this machine are read
+  back (never dropped by a command naming fewer importances), a pair asked for that no machine
+  can now measure is listed as not measured, and a run neither here nor recorded is refused
+  before any work."""
+  pytest.importorskip('torch')
+  from experiments import peer_torch_pruning as peer
+
+  out = str(tmp_path / 'peer')
+  with open(out + '.csv', 'w', newline='') as f:
+    w = csv.DictWriter(f, ['run', 'importance', 'torch_accuracy', 'torch_widths'])
+    w.writeheader()
+    w.writerow({'run': 'r_s0', 'importance': 'taylor', 'torch_accuracy': '0.94',
+                'torch_widths': '{"stage1": 13}'})
+    w.writerow({'run': 'r_s9', 'importance': 'magnitude', 'torch_accuracy': '0.9',
+                'torch_widths': '{}'})
+  done = peer.committed_rows(out)
+  assert done[('r_s0', 'taylor')]['torch_widths'] == {'stage1': 13}  # json columns parsed
+  here = tmp_path / 'runs' / 'r_s1'
+  here.mkdir(parents=True)
+  (here / 'report.json').write_text('{}')
+  gone = str(tmp_path / 'runs' / 'r_s0')
+  todo, rows, unmeasurable = peer.plan([gone, str(here)], ['taylor', 'bn_scale'], done, out,
+                                       str(tmp_path / 'work'))
+  assert todo == [(str(here), 'taylor'), (str(here), 'bn_scale')]
+  assert set(rows) == {('r_s0', 'taylor'), ('r_s9', 'magnitude')}  # r_s9: not named, kept
+  assert unmeasurable == [('r_s0', 'bn_scale')]
+  with pytest.raises(SystemExit, match='no row of it'):
+    peer.plan([str(tmp_path / 'runs' / 'r_s2')], ['taylor'], done, out, str(tmp_path / 'work'))
