@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shlex
 import statistics
@@ -320,6 +321,18 @@ def _mean_spread(values):
   return statistics.mean(values), statistics.stdev(values)
 
 
+def _cell(values, digits: int) -> str:
+  """Mean +- spread over seeds; one seed has no spread to show (not 0), an untimed run no value."""
+  timed = [v for v in values if not math.isnan(v)]
+  if not timed:
+    return 'not timed'
+  of = f' ({len(timed)} of {len(values)} timed)' if len(timed) < len(values) else ''
+  if len(timed) == 1:
+    return f'{timed[0]:.{digits}f}{of}'
+  m, sd = _mean_spread(timed)
+  return f'{m:.{digits}f} +- {sd:.{digits}f}{of}'
+
+
 def stream_widths(rows) -> str:
   """Mean widths of the residual-stream groups (ResNet: ``stageN``, no block in the name) over
   ``rows``, e.g. ``16/24/48``; the baseline's (no widths recorded) are the full ones."""
@@ -337,7 +350,7 @@ def markdown(rows, command: str, args) -> str:
            f'Budget: baseline {args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs '
            f'(from-scratch methods: {args.epochs + args.finetune_epochs} epochs in all)'
            + (f', {args.limit_examples} training examples' if args.limit_examples else '')
-           + '. Mean +- standard deviation over seeds; FLOPs are MACs of one example; wall time '
+           + '. Mean +- standard deviation over seeds (one seed: its value); FLOPs are MACs of one example; wall time '
            'of the run itself (the shared baseline not included). Latency: '
            + ('every width set re-timed after the runs, one after another in one process '
               '(--remeasure_latency; costs.compare_latency: 3 rounds of 30 batch-64 forwards, '
@@ -353,14 +366,13 @@ def markdown(rows, command: str, args) -> str:
                 key=lambda k: (k[1], k[0] != 'baseline', k[0]))
   for method, red in keys:
     rs = [r for r in rows if r['method'] == method and r['flops_reduction'] == red]
-    acc = _mean_spread([100 * r['test_accuracy'] for r in rs])
-    fr = _mean_spread([100 * (1 - r['flops'] / r['_full_flops']) for r in rs])
     par = statistics.mean(r['params'] for r in rs)
-    lat = _mean_spread([r['latency_ms_b64'] for r in rs])
     wall = statistics.mean(r['wall_s'] for r in rs)
-    lines.append(f'| {method} | {red:.0%} | {len(rs)} | {acc[0]:.2f} +- {acc[1]:.2f} | '
-                 f'{fr[0]:.1f} +- {fr[1]:.1f} | {par:,.0f} | {stream_widths(rs)} | '
-                 f'{lat[0]:.2f} +- {lat[1]:.2f} | {wall:.0f} |')
+    lines.append(f"| {method} | {red:.0%} | {len(rs)} | "
+                 f"{_cell([100 * r['test_accuracy'] for r in rs], 2)} | "
+                 f"{_cell([100 * (1 - r['flops'] / r['_full_flops']) for r in rs], 1)} | "
+                 f"{par:,.0f} | {stream_widths(rs)} | "
+                 f"{_cell([r['latency_ms_b64'] for r in rs], 2)} | {wall:.0f} |")
   notes = sorted({f"{r['method']} {r['flops_reduction']:.0%} seed {r['seed']}: {r['_wall_note']}"
                   for r in rows if r.get('_wall_note')})
   if notes:

@@ -355,3 +355,11 @@ def test_peer_torch_pruning_keeps_earlier_rows_and_names_what_it_cannot_measure(
   assert unmeasurable == [('r_s0', 'bn_scale')]
   with pytest.raises(SystemExit, match='no row of it'):
     peer.plan([str(tmp_path / 'runs' / 'r_s2')], ['taylor'], done, out, str(tmp_path / 'work'))
+
+
+def test_compare_methods_table_shows_no_spread_for_one_seed_and_no_number_for_an_untimed_run():
+  from experiments import compare_methods as cm
+  assert cm._cell([94.771], 2) == '94.77'  # one seed: no '+- 0.00' that reads as no spread
+  assert cm._cell([1.0, 2.0, 3.0], 1) == '2.0 +- 1.0'
+  assert cm._cell([float('nan')], 2) == 'not timed'
+  assert cm._cell([float('nan'), 4.0], 2) == '4.00 (1 of 2 timed)'
