@@ -344,7 +344,7 @@ def stream_widths(rows) -> str:
   return '/'.join(f'{statistics.mean(w[n] for w in per_row):.0f}' for n in names)
 
 
-def markdown(rows, command: str, args) -> str:
+def markdown(rows, command: str, args, missing=()) -> str:
   lines = ['# CVPR\'19 methods on Fashion-MNIST ResNet-20', '',
            f'Command: `{command}`', '',
            f'Budget: baseline {args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs '
@@ -378,6 +378,10 @@ def markdown(rows, command: str, args) -> str:
   if notes:
     lines += ['', 'Wall-time corrections (wall_s.json of the run says why):', '']
     lines += [f'- {n}' for n in notes]
+  if missing:
+    lines += ['', 'Not measured (--recorded_only: neither recorded nor finished on the machine '
+              'that wrote this table; the means above are over the seeds measured):', '',
+              ', '.join(f'{label} {red:.0%} seed {seed}' for label, red, seed in missing) + '.']
   return '\n'.join(lines) + '\n'
 
 
@@ -429,6 +433,9 @@ def main(argv=None):
   p.add_argument('--baseline_dir', default=None,
                  help='finished baseline workdirs to start from, with {seed} (e.g. '
                       'experiments/converged_baselines.py\'s); default: trained in --runs_dir')
+  p.add_argument('--recorded_only', action='store_true',
+                 help='run nothing: write the tables from the runs finished (recorded under '
+                      '<results_dir>/runs, or finished here) and list the others as not measured')
   p.add_argument('--results_dir', default=os.path.join(ROOT, 'experiments', 'results'))
   p.add_argument('--results_name', default='methods_comparison',
                  help='results are written to <results_dir>/<results_name>.{csv,md,png}')
@@ -457,6 +464,12 @@ def main(argv=None):
   # Rows of finished runs committed by an earlier session whose workdirs are not on this machine.
   recorded = {wd: read_record(args.results_dir, wd, flags, base_of[seed])
               for _, _, seed, flags, wd, _ in plan}
+  missing = []
+  if args.recorded_only:  # e.g. runs whose baseline was lost with a machine: listed, not run
+    def finished(wd):
+      return recorded[wd] is not None or os.path.exists(os.path.join(wd, 'report.json'))
+    missing = [(label, red, seed) for label, red, seed, _, wd, _ in plan if not finished(wd)]
+    plan = [x for x in plan if finished(x[4])]
   seeds_to_run = {seed for _, _, seed, _, wd, _ in plan if recorded[wd] is None}
   if args.baseline_dir:  # checked before any run starts: a typo must not cost hours
     for seed in sorted(seeds_to_run):
@@ -494,7 +507,7 @@ def main(argv=None):
     w.writeheader()
     w.writerows(rows)
   with open(os.path.join(args.results_dir, f'{args.results_name}.md'), 'w') as f:
-    f.write(markdown(rows, command, args))
+    f.write(markdown(rows, command, args, missing))
   plot(rows, os.path.join(args.results_dir, f'{args.results_name}.png'))
   print(open(os.path.join(args.results_dir, f'{args.results_name}.md')).read())
 

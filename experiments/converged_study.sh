@@ -15,9 +15,9 @@
 #      25/40/60% (the compared criteria on one seed where the CPU budget allows no more);
 #   7. Torch-Pruning's magnitude and BN-scale importances from the same weights (its GroupTaylor
 #      is step 3).
-# `bash experiments/converged_study.sh summary [SEEDS]` then writes the study's tables from what has
-# finished (results/methods_converged.*, peer_torch_pruning.*); SEEDS: those the compared criteria
-# ran on (default 1).
+# `bash experiments/converged_study.sh summary [SEEDS]` writes the study's tables from what has
+# finished, at any time (results/methods_converged.*, peer_torch_pruning.*; what has not is listed
+# under the tables); SEEDS: those the compared criteria ran on (default 1).
 #
 # Every step resumes from its workdir and skips what is finished. A session's machine may be a
 # fresh one: checkpoints are never committed, so finished steps are read back from the committed
@@ -74,9 +74,9 @@ case "${1:-}" in
         --work="$R/peer_torch_pruning_e30" --out=$RES/peer_torch_pruning
     log "seed $S done" ;;
   summary)
-    # Only reads: every run named here must have finished (here or in a committed record).
+    # Only reads: runs finished here or recorded; the others are listed under the table.
     $PY experiments/compare_methods.py "${GRID[@]}" --seeds=0,1,2 --other_seeds=${2:-1} \
-        --results_name=methods_converged
+        --recorded_only --results_name=methods_converged
     $PY experiments/peer_torch_pruning.py $(peer_runs) --importances=taylor,magnitude,bn_scale \
         --work="$R/peer_torch_pruning_e30" --out=$RES/peer_torch_pruning ;;
   *)

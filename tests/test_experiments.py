@@ -223,7 +223,7 @@ def test_compare_methods_other_seeds_cut_the_compared_criteria_only(tmp_path, mo
   started = []
   monkeypatch.setattr(cm, 'run_main', lambda cmd, wd, log: started.append(os.path.basename(wd)))
   monkeypatch.setattr(cm, 'row', lambda method, red, seed, wd, kind: {})
-  monkeypatch.setattr(cm, 'markdown', lambda rows, command, args: '')
+  monkeypatch.setattr(cm, 'markdown', lambda rows, command, args, missing: '')
   monkeypatch.setattr(cm, 'plot', lambda rows, path: None)
   cm.main(['--methods=taylor_fo_bn,estimator/weight_l2', '--reductions=0.4', '--seeds=0,1',
            '--other_seeds=0', f'--runs_dir={tmp_path}/runs', f'--results_dir={tmp_path}/res'])
@@ -250,7 +250,9 @@ def test_compare_methods_on_a_fresh_machine_reads_finished_runs_from_the_results
                  'config': {'model': 'resnet20'}}, f)
 
   monkeypatch.setattr(cm, 'run_main', fake_run)
-  monkeypatch.setattr(cm, 'markdown', lambda rows, command, args: json.dumps(rows, sort_keys=True))
+  monkeypatch.setattr(cm, 'markdown',
+                      lambda rows, command, args, missing=(): json.dumps([rows, missing],
+                                                                         sort_keys=True))
   monkeypatch.setattr(cm, 'plot', lambda rows, path: None)
   argv = ['--methods=taylor_fo_bn', '--reductions=0.4', '--seeds=0', f'--runs_dir={tmp_path}/runs',
           f'--results_dir={tmp_path}/res', '--results_name=r']
@@ -277,6 +279,11 @@ def test_compare_methods_on_a_fresh_machine_reads_finished_runs_from_the_results
   with pytest.raises(SystemExit, match='has no report.json'):
     cm.main(argv[:1] + ['--reductions=0.25', f'--baseline_dir={tmp_path}/gone_s{{seed}}',
                         *argv[2:]])
+  # --recorded_only writes the tables from what finished and names what did not; runs nothing.
+  cm.main(argv[:1] + ['--reductions=0.25,0.4', *argv[2:], '--recorded_only'])
+  rows, missing = json.loads((tmp_path / 'res' / 'r.md').read_text())
+  assert [r['flops_reduction'] for r in rows] == [0.0, 0.4] and missing == [['taylor_fo_bn', 0.25, 0]]
+  assert (tmp_path / 'ran.txt').read_text().split().count('taylor_fo_bn_r40_s0') == 2
   with pytest.raises(SystemExit, match='records a run made with'):
     cm.main(argv + ['--finetune_epochs=1'])
   # The baseline trained again on this machine is another network: its old rows are refused.
