@@ -350,8 +350,8 @@ def markdown(rows, command: str, args, missing=()) -> str:
            f'Budget: baseline {args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs '
            f'(from-scratch methods: {args.epochs + args.finetune_epochs} epochs in all)'
            + (f', {args.limit_examples} training examples' if args.limit_examples else '')
-           + '. Mean +- standard deviation over seeds (one seed: its value); FLOPs are MACs of one example; wall time '
-           'of the run itself (the shared baseline not included). Latency: '
+           + '. Mean +- standard deviation over seeds (one seed: its value); FLOPs are MACs of '
+           'one example; wall time of the run itself (the shared baseline not included). Latency: '
            + ('every width set re-timed after the runs, one after another in one process '
               '(--remeasure_latency; costs.compare_latency: 3 rounds of 30 batch-64 forwards, '
               'the least disturbed round)'
