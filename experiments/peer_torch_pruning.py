@@ -23,9 +23,10 @@ For taylor_jax pruning runs of one baseline (main-job workdirs started with
       [--importances=taylor,magnitude,bn_scale] [--out=experiments/results/peer_torch_pruning]
 
 Writes ``<out>.csv`` and ``<out>.md``; rows accumulate there over sessions (a run whose JAX
-workdir is not on this machine keeps the rows an earlier session measured). Resumable: state under ``--work`` (one folder per run and
-importance: the finished row, the pruned network, the fine-tuning every 200 steps), so a killed
-study re-run with the same command continues where it stopped.
+workdir is not on this machine keeps the rows an earlier session measured). Resumable: state
+under ``--work`` (one folder per run and importance: the finished row, the pruned network, the
+fine-tuning every 200 steps), so a killed study re-run with the same command continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -479,8 +480,7 @@ def main(argv=None):
   if unknown:
     p.error(f'--importances: unknown {unknown}; choose from {sorted(IMPORTANCES)}')
   done_before = committed_rows(args.out)
-  todo, rows, unmeasurable = plan(args.runs, importances, done_before, args.out,
-                                     args.work)
+  todo, rows, unmeasurable = plan(args.runs, importances, done_before, args.out, args.work)
   torch.set_num_threads(2)
   for run_dir, imp in todo:
     work = os.path.join(args.work, f'{_name(run_dir)}_{imp}')
